@@ -87,13 +87,15 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = _f(128, "Most sequences in one batch.")
-    max_num_batched_tokens: int = _f(2048, "Most tokens (prefill + decode) in one step.")
+    max_num_batched_tokens: int | None = _f(
+        None, "Most tokens (prefill + decode) in one step; default 2048, or max_model_len "
+        "when chunked prefill is off.")
     enable_chunked_prefill: bool = _f(True, "Split long prompts across steps, mixed with decodes.")
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
@@ -111,7 +113,9 @@ class EngineConfig:
 
     def __post_init__(self):
         sch, mlen = self.scheduler, self.model.max_model_len
-        if mlen is not None and not sch.enable_chunked_prefill and sch.max_num_batched_tokens < mlen:
+        if mlen is None or sch.max_num_batched_tokens is None:
+            return
+        if not sch.enable_chunked_prefill and sch.max_num_batched_tokens < mlen:
             raise ValueError(
                 f"without chunked prefill, max_num_batched_tokens ({sch.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({mlen}) so that every prompt fits in one step")

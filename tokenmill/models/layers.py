@@ -1,0 +1,180 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embedding, the gated MLP and
+the attention layer that calls the paged attention backend.
+
+Numerics follow Hugging Face's Llama exactly (float32 norms cast back, cos/sin computed in
+float32 then cast to the activation dtype), so float32 outputs match bit for bit up to matmul
+ordering and bfloat16 outputs round the same way.
+
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs are faster, on CPU most of
+all). ``FusedLinear`` records where each checkpoint tensor goes; the loader uses that, and
+``forward`` never sees a checkpoint name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.worker.attention import AttentionMetadata, paged_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: as HF: normalize in float32, cast back, *then* scale (bf16 rounding matches).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_parameters(config) -> dict:
+    """The rope settings of a config as one flat dict with ``rope_type`` and ``rope_theta``.
+
+    transformers 5 keeps them in ``config.rope_parameters`` (``rope_scaling`` is an alias, and an
+    old-style ``rope_theta`` + ``rope_scaling`` config.json is folded in on load); configs built
+    by other means may still carry the old attributes, so read both.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+                  or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    return params
+
+
+def rope_inv_freq(params: dict, head_dim: int, max_position: int) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies for ``params`` (see ``rope_parameters``)."""
+    rope_type = params["rope_type"]
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("partial rotary embeddings are not supported")
+    # NOTE: explicit device: a model built under `with torch.device("meta")` still gets real
+    # frequencies (they are not in the checkpoint, so the loader could not fill them in).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (params["rope_theta"] ** exponents)
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / params["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, params, max_position)
+    raise NotImplementedError(
+        f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict, max_position: int) -> torch.Tensor:
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params.get("original_max_position_embeddings") or max_position
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the positions of a step, computed once per forward for all layers."""
+
+    def __init__(self, head_dim: int, params: dict, max_position: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(params, head_dim, max_position),
+                             persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[:, None].float() * self.inv_freq[None, :]   # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                       # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, D] (neox style: the two halves of D form the rotated pairs)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers
+
+
+class FusedLinear(nn.Linear):
+    """One Linear whose output rows are several checkpoint tensors stacked (q|k|v, gate|up).
+
+    ``shards`` maps a checkpoint sub-module name (``"q_proj"``) to its row slice; the loader
+    copies each checkpoint tensor into ``weight[rows]`` (and ``bias[rows]``).
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shards: dict[str, slice] = {}
+        start = 0
+        for name, size in shard_sizes.items():
+            self.shards[name] = slice(start, start + size)
+            start += size
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up in one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = FusedLinear(
+            hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)   # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped K/V heads, rope, and a paged KV cache.
+
+    ``qk_norm_eps`` adds Qwen3's per-head RMSNorm on q and k, applied before rope.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = FusedLinear(
+            hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, qkv_bias)
+        self.o_proj = nn.Linear(q_size, hidden_size, bias=o_bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)        # q: [T, H, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)     # k: [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)     # v: [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return self.o_proj(o.reshape(T, q_size))
