@@ -51,26 +51,34 @@ def _stream(tok, prompt_ids, output_ids, params, chunk=1, delta=True):
 
 def test_tokenizer_splits_multibyte_chars(tokenizer):
     # The fixture must exercise the hard case: a character spread over several tokens.
-    ids = tokenizer.encode("🙂 日本語")
+    ids = tokenizer.encode("🦀 猫")
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
 
 
+@pytest.mark.parametrize("use_stream", [True, False], ids=["DecodeStream", "offsets"])
 @pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_random_sequences_match_decode(tokenizer, skip, chunk):
+def test_random_sequences_match_decode(tokenizer, skip, chunk, use_stream):
     rng = random.Random(1234 + chunk)
     vocab = len(tokenizer)
+    specials = tokenizer.all_special_ids
+
+    def random_ids(n):
+        # Random byte-level tokens split characters and form invalid UTF-8; 10% specials.
+        return [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(vocab)
+                for _ in range(n)]
+
     params = SamplingParams(skip_special_tokens=skip)
-    for _ in range(300):
-        prompt = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
-        out = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+    for _ in range(250):
+        prompt = random_ids(rng.randint(0, 8))
+        out = random_ids(rng.randint(1, 40))
         expected = tokenizer.decode(out, skip_special_tokens=skip)
-        # The prompt must not bleed into the output unless it ends mid-character.
-        if tokenizer.decode(prompt[-5:]).endswith("\ufffd"):
-            prompt = []
-        deltas, detok, _ = _stream(tokenizer, prompt, out, params, chunk=chunk)
+        detok = IncrementalDetokenizer(tokenizer, prompt, params, _use_stream=use_stream)
+        deltas = []
+        for i in range(0, len(out), chunk):
+            detok.update(out[i:i + chunk])
+            deltas.append(detok.get_next_output_text(i + chunk >= len(out), delta=True))
         assert "".join(deltas) == expected == detok.output_text, (prompt, out)
-        assert all("\ufffd" not in d for d in deltas[:-1]) or "\ufffd" in expected
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -91,24 +99,67 @@ def test_real_text_deltas_and_cumulative(tokenizer, skip):
 
 
 def test_multibyte_char_split_across_tokens(tokenizer):
-    ids = tokenizer.encode("🙂")
-    assert len(ids) > 1   # one emoji, several byte-level tokens
+    ids = tokenizer.encode("🦀")  # not in the corpus: one byte-level token per byte
+    assert len(ids) == 3
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams())
     for t in ids[:-1]:
         detok.update([t])
         assert detok.get_next_output_text(False, True) == ""
         assert detok.output_text == ""
     detok.update(ids[-1:])
-    assert detok.get_next_output_text(False, True) == "🙂"
+    assert detok.get_next_output_text(False, True) == "🦀"
 
 
 def test_output_cut_mid_character_flushes_replacement(tokenizer):
-    ids = tokenizer.encode("ok 🙂")[:-1]
+    ids = tokenizer.encode("ok 🦀")[:-1]
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams())
+    full = tokenizer.decode(ids)
+    assert full.startswith("ok") and full.endswith("\ufffd")
     detok.update(ids)
-    assert detok.get_next_output_text(False, True) == "ok "
-    assert detok.get_next_output_text(True, True) == tokenizer.decode(ids)[3:]
-    assert detok.output_text == tokenizer.decode(ids)
+    assert detok.get_next_output_text(False, True) == "ok"   # " \xf0\x9f\xa6" is pending
+    assert detok.get_next_output_text(True, True) == full[2:]
+    assert detok.output_text == full
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    """SentencePiece-style: Metaspace "▁" words, byte fallback, leading space stripped."""
+    vocab = {"<unk>": 0, "</s>": 1} | {f"<0x{b:02X}>": 2 + b for b in range(256)}
+    for word in ["▁Hello", "▁world", "a", "▁"]:
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("use_stream", [True, False])
+def test_first_output_token_keeps_its_space_after_a_prompt(sp_tokenizer, use_stream):
+    hello, world = sp_tokenizer.convert_tokens_to_ids(["▁Hello", "▁world"])
+    assert sp_tokenizer.decode([world]) == "world"  # decode-from-zero drops the space
+    detok = IncrementalDetokenizer(sp_tokenizer, [hello], SamplingParams(),
+                                   _use_stream=use_stream)
+    detok.update([world])
+    assert detok.get_next_output_text(False, True) == " world"
+    # Without a prompt the output decodes as tokenizer.decode does.
+    detok = IncrementalDetokenizer(sp_tokenizer, [], SamplingParams(), _use_stream=use_stream)
+    detok.update([hello, world])
+    assert detok.output_text == sp_tokenizer.decode([hello, world]) == "Hello world"
+
+
+def test_non_monotonic_decode_falls_back_to_offsets(sp_tokenizer):
+    # "é" as bytes C3 A9 decodes, then a stray 0x80 turns the whole byte run into U+FFFDs:
+    # DecodeStream raises "Invalid prefix"; the detokenizer carries on in Python.
+    ids = sp_tokenizer.convert_tokens_to_ids(["<0xC3>", "<0xA9>", "<0x80>", "a", "▁world"])
+    detok = IncrementalDetokenizer(sp_tokenizer, [], SamplingParams())
+    streamed = ""
+    for t in ids:
+        detok.update([t])
+        streamed += detok.get_next_output_text(False, True)
+    assert detok._decoder._fallback is not None
+    assert streamed == detok.output_text
+    assert streamed.startswith("é") and streamed.endswith("a world")
 
 
 def test_prompt_context_keeps_leading_space(tokenizer):

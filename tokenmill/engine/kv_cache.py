@@ -216,7 +216,8 @@ class KVCacheManager:
                 refs[b] += 1
         assert refs == self.ref_cnt, f"ref counts {self.ref_cnt} != block-table refs {refs}"
         for h, b in self.cached_blocks.items():
-            assert self.block_hash[b] == h, f"hash map says {h} -> {b}, block has {self.block_hash[b]}"
+            assert self.block_hash[b] == h, \
+                f"hash map says {h} -> block {b}, which carries {self.block_hash[b]}"
         n_hashed = sum(h is not None for h in self.block_hash)
         assert n_hashed == len(self.cached_blocks), \
             f"{n_hashed} blocks carry a hash but the map has {len(self.cached_blocks)} entries"

@@ -45,6 +45,9 @@ class Scheduler:
                 f"({max_model_len}): a request of that length could never run")
         self.config = scheduler_config
         self.max_model_len = max_model_len
+        # None means "not resolved yet" (EngineCore resolves it); same default as there.
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens or (
+            2048 if scheduler_config.enable_chunked_prefill else max(2048, max_model_len))
         self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
                                                cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}   # every unfinished request
@@ -107,12 +110,12 @@ class Scheduler:
         """Pick this step's work: running requests first, then admit waiting ones."""
         out = SchedulerOutput(finished_req_ids=self.finished_req_ids)
         self.finished_req_ids = set()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
         # NOTE: after a preemption the cache is full; admitting waiting requests now would
         # only thrash (vLLM skips them too).
         if not out.preempted_req_ids:
             budget = self._schedule_waiting(out, budget)
-        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
         self._num_batched_tokens = out.num_batched_tokens
         return out
 

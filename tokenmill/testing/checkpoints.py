@@ -175,10 +175,10 @@ def _randomize(model, std: float) -> None:
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
         elif name.endswith(".bias"):
             p.normal_(0.0, 0.1)
-        elif "embed_tokens" in name:
-            p.normal_(0.0, 1.0)
         else:
-            # fan-in scaled so activations neither vanish nor saturate in the tiny model.
+            # Scaled by fan-in (for embeddings: by hidden size, so that tied logits are as
+            # spread as untied ones): wide enough that greedy decoding does not collapse to one
+            # repeated token, small enough that float32 logits stay within ~10 of zero.
             p.normal_(0.0, std / math.sqrt(p.shape[-1]))
 
 

@@ -63,7 +63,7 @@ class Sampler:
             # bias and temperature (vLLM's default "raw_logprobs").
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
-        logits = _apply_logits_processors(logits, rows)
+        logits = apply_logits_processors(logits, rows)
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
@@ -140,7 +140,7 @@ class Sampler:
 
 
 # ---------------------------------------------------------------------- logits processors
-def _apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """min_tokens, logit_bias and penalties; returns ``logits`` itself when none applies,
     else a processed copy."""
     need_min = any(len(r.output_token_ids) < r.params.min_tokens for r in rows)
