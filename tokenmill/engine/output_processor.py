@@ -188,7 +188,9 @@ class OutputProcessor:
         if out.finished:
             child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
         if child.detok is not None:
-            stop = child.detok.update(out.new_token_ids)
+            # A stop token's text is left out (unless include_stop_str_in_output), as in vLLM.
+            stop_token = out.finish_reason == "stop" and out.stop_reason is not None
+            stop = child.detok.update(out.new_token_ids, stop_terminated=stop_token)
             if stop is not None:
                 child.finish_reason, child.stop_reason = "stop", stop
 

@@ -215,26 +215,6 @@ def make_checkpoint(out_dir, arch: str = "llama", *, size: str = "tiny", seed: i
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="llama", choices=ARCHS)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--size", default="tiny", choices=list(SIZES))
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--shards", type=int, default=1, help="Split the weights into ~N files.")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    max_shard_size = None
-    if args.shards > 1:
-        # Estimate the bytes per shard from a throwaway config: parameters * element size.
-        probe = make_checkpoint_size_bytes(args.arch, args.size, args.dtype)
-        max_shard_size = max(1, math.ceil(probe / args.shards))
-    path = make_checkpoint(args.out, args.arch, size=args.size, seed=args.seed, dtype=args.dtype,
-                           max_shard_size=max_shard_size)
-    files = sorted(p.name for p in path.iterdir())
-    print(json.dumps({"path": str(path), "files": files}))
-
-
 def make_checkpoint_size_bytes(arch: str, size: str, dtype: str) -> int:
     """Bytes of the weights ``make_checkpoint`` would write (to split them into N shards)."""
     from transformers import AutoModelForCausalLM
@@ -246,6 +226,26 @@ def make_checkpoint_size_bytes(arch: str, size: str, dtype: str) -> int:
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
     return n * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="llama", choices=ARCHS)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", default="tiny", choices=list(SIZES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--shards", type=int, default=1, help="Split the weights into ~N files.")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    max_shard_size = None
+    if args.shards > 1:
+        # Size the shards from the parameter count of a meta-device model (no memory used).
+        probe = make_checkpoint_size_bytes(args.arch, args.size, args.dtype)
+        max_shard_size = max(1, math.ceil(probe / args.shards))
+    path = make_checkpoint(args.out, args.arch, size=args.size, seed=args.seed, dtype=args.dtype,
+                           max_shard_size=max_shard_size)
+    files = sorted(p.name for p in path.iterdir())
+    print(json.dumps({"path": str(path), "files": files}))
 
 
 if __name__ == "__main__":
