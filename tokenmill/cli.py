@@ -26,11 +26,43 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def default_model_path() -> str | None:
+    """The embedded demo model that ships inside the package, if this build has one."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "assets" / "demo-model"
+    return str(path) if (path / "config.json").is_file() else None
+
+
 def _cmd_serve(args) -> int:
-    print("tokenmill serve: the OpenAI-compatible server is not built yet (tracked in the "
-          "server issue); use the offline API (`from tokenmill import LLM`) or "
-          "`tokenmill generate MODEL PROMPT` meanwhile.", file=sys.stderr)
-    return 2
+    from tokenmill.cli_args import config_from_args, engine_config_from_args
+    from tokenmill.config import ServerConfig
+    from tokenmill.server.app import run_server
+
+    model = args.model_tag or default_model_path()
+    if model is None:
+        print("tokenmill serve: no MODEL given, and this build has no embedded default model "
+              "yet; pass a local Hugging Face folder: tokenmill serve PATH", file=sys.stderr)
+        return 2
+    try:
+        engine_config = engine_config_from_args(args, model=model)
+        server_config = config_from_args(ServerConfig, args)
+        return run_server(engine_config, server_config)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"tokenmill serve: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_chat(args) -> int:
+    from tokenmill.client_cli import run_chat
+
+    return run_chat(args)
+
+
+def _cmd_complete(args) -> int:
+    from tokenmill.client_cli import run_complete
+
+    return run_complete(args)
 
 
 def _cmd_bench_throughput(args) -> int:
@@ -41,15 +73,30 @@ def _cmd_bench_throughput(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench.throughput import add_throughput_args
-    from tokenmill.cli_args import add_engine_args
+    from tokenmill.cli_args import add_config_args, add_engine_args
+    from tokenmill.client_cli import add_client_args
+    from tokenmill.config import ServerConfig
 
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API.")
-    p.add_argument("model_tag", nargs="?", default=None, help="Local model folder.")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="Local Hugging Face model folder (default: the embedded demo model).")
+    add_config_args(p, ServerConfig)
+    add_engine_args(p, skip=("model",))
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="Chat with a running server in the terminal (streaming).")
+    add_client_args(p)
+    p.add_argument("--system", default=None, help="A system prompt.")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("complete", help="Complete one prompt on a running server (streaming).")
+    p.add_argument("prompt")
+    add_client_args(p)
+    p.set_defaults(func=_cmd_complete)
 
     p = sub.add_parser("generate", help="Generate from prompts offline (greedy by default).")
     p.add_argument("model", help="Local Hugging Face model folder.")

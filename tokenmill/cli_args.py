@@ -30,9 +30,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
         if f.name in skip:
             continue
         tp = _base_type(f.type)
-        help_ = f.metadata["help"]
+        help_ = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                               default=f.default, help=help_)
+        elif f.metadata.get("nargs"):
+            elem = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            group.add_argument(_flag(f.name), type=elem, nargs=f.metadata["nargs"],
                                default=f.default, help=help_)
         else:
             group.add_argument(_flag(f.name), type=tp, default=f.default, help=help_,

@@ -124,3 +124,36 @@ class EngineConfig:
 def config_fields(cls) -> list:
     """The dataclass fields of a config class that carry help text (used to build CLI flags)."""
     return [f for f in fields(cls) if "help" in f.metadata]
+
+
+@dataclass
+class ServerConfig:
+    host: str = _f("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+    port: int = _f(8000, "Port to listen on.")
+    api_key: str | None = _f(None, "Require 'Authorization: Bearer KEY' on /v1 routes "
+                             "(also read from TOKENMILL_API_KEY).")
+    served_model_name: list[str] | None = _f(
+        None, "Model name(s) clients use; the first is reported (default: the model path).",
+        nargs="+")
+    chat_template: str | None = _f(None, "Chat template (a file or the template itself), "
+                                   "replacing the tokenizer's.")
+    allowed_origins: list[str] | None = _f(None, "CORS: allowed origins (off by default); "
+                                           "'*' allows any.", nargs="+")
+    ssl_keyfile: str | None = _f(None, "TLS key file.")
+    ssl_certfile: str | None = _f(None, "TLS certificate file.")
+    root_path: str | None = _f(None, "ASGI root_path, when behind a path-based proxy.")
+    disable_log_requests: bool = _f(False, "Do not log one line per request.")
+    max_queued_requests: int | None = _f(
+        None, "Reject new requests with 429 when this many are already waiting.")
+    shutdown_grace_period: float = _f(30.0, "Seconds in-flight requests may take to finish "
+                                      "after SIGTERM.")
+
+    def __post_init__(self):
+        if self.api_key is None:
+            self.api_key = os.environ.get("TOKENMILL_API_KEY") or None
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("--ssl-keyfile and --ssl-certfile go together")

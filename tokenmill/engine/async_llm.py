@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core_client import EngineDeadError, make_core_client
@@ -32,6 +32,8 @@ class AsyncLLM(FrontEnd):
         self.client = make_core_client(config, in_process)
         self.num_kv_blocks = self.client.num_kv_blocks
         self.stats = SchedulerStats()
+        # Called with every step's SchedulerStats (the server's metrics hook in here).
+        self.stats_listeners: list[Callable[[SchedulerStats], None]] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop_task: asyncio.Task | None = None
         self.errored: BaseException | None = None
@@ -86,6 +88,8 @@ class AsyncLLM(FrontEnd):
                 outs = await self.client.get_outputs()
                 if outs.stats is not None:
                     self.stats = outs.stats
+                    for listener in self.stats_listeners:
+                        listener(outs.stats)
                 _, to_abort = self.output_processor.process(outs.outputs)
                 if to_abort:
                     self.client.abort(to_abort)

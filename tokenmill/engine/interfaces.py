@@ -45,6 +45,8 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | None = None    # the stop token id that ended the request, if any
     num_cached_tokens: int = 0
+    # Seconds from arrival to first scheduling; sent with the first generated token.
+    queue_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -94,7 +94,8 @@ class _Parent:
         self.prompt_logprobs = None
         self.num_cached_tokens = 0
         self.metrics = {"arrival_time": arrival, "first_token_time": None,
-                        "last_token_time": None, "num_generation_tokens": 0}
+                        "last_token_time": None, "num_generation_tokens": 0,
+                        "queue_time": None}
 
     @property
     def finished(self) -> bool:
@@ -176,6 +177,8 @@ class OutputProcessor:
                 m["first_token_time"] = now
             m["last_token_time"] = now
             m["num_generation_tokens"] += len(out.new_token_ids)
+        if out.queue_time is not None and m["queue_time"] is None:
+            m["queue_time"] = out.queue_time
         if out.prompt_logprobs is not None:
             parent.prompt_logprobs = [None] + [self._logprob_dict(p)
                                                for p in out.prompt_logprobs]

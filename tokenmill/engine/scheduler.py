@@ -223,8 +223,11 @@ class Scheduler:
             request_id=request.request_id, new_token_ids=[token],
             new_logprobs=[logprobs] if logprobs is not None else None,
             num_cached_tokens=max(request.num_cached_tokens, 0))
-        if request.params.prompt_logprobs is not None and request.num_output_tokens == 1:
-            out.prompt_logprobs = self._prompt_logprobs.pop(request.request_id, [])
+        if request.num_output_tokens == 1:
+            out.queue_time = max(0.0, (request.first_scheduled_time or request.arrival_time)
+                                 - request.arrival_time)
+            if request.params.prompt_logprobs is not None:
+                out.prompt_logprobs = self._prompt_logprobs.pop(request.request_id, [])
         status = self._check_stop(request, token)
         if status is not None:
             request.status = status
