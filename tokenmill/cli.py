@@ -71,7 +71,21 @@ def _cmd_bench_throughput(args) -> int:
     return run_from_args(args)
 
 
+def _cmd_bench_serve(args) -> int:
+    from tokenmill.bench.serve import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_bench_svo(args) -> int:
+    from tokenmill.bench.server_vs_offline import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tokenmill.bench.serve import add_serve_args
+    from tokenmill.bench.server_vs_offline import add_args as add_svo_args
     from tokenmill.bench.throughput import add_throughput_args
     from tokenmill.cli_args import add_config_args, add_engine_args
     from tokenmill.client_cli import add_client_args
@@ -111,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("throughput", help="Offline throughput: tokenmill vs transformers.")
     add_throughput_args(p)
     p.set_defaults(func=_cmd_bench_throughput)
+    p = bench.add_parser("serve", help="Load an OpenAI-compatible server and measure it.")
+    add_serve_args(p)
+    p.set_defaults(func=_cmd_bench_serve)
+    p = bench.add_parser("server-vs-offline",
+                         help="The same workload through tokenmill serve and LLM.generate.")
+    add_svo_args(p)
+    p.set_defaults(func=_cmd_bench_svo)
     return parser
 
 
