@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 import time
 import traceback
@@ -48,6 +49,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str) -> None:
     from tokenmill.engine.core import EngineCore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s core: %(message)s")
+    _die_with_parent()
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.bind(in_addr)
@@ -67,15 +69,30 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str) -> None:
         ctx.term()
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when the front end dies, however it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the idle loop's parent check still ends us
+
+
 def _core_loop(core, inp, out, enc) -> None:
     add_dec = msgspec.msgpack.Decoder(EngineCoreRequest)
     ids_dec = msgspec.msgpack.Decoder(list[str])
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
+    parent = os.getppid()
     while True:
         # NOTE: block only when idle; with work in flight just drain what has arrived.
-        timeout = 0 if core.has_unfinished_requests() else None
+        # An idle core wakes every second to check that its front end is still there.
+        timeout = 0 if core.has_unfinished_requests() else 1000
         changed = False
+        if timeout and os.getppid() != parent:
+            return
         while poller.poll(timeout):
             kind, payload = inp.recv_multipart()
             if kind == ADD:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
 import time
 import uuid
 
@@ -104,6 +105,10 @@ def run_server(engine_config: EngineConfig, config: ServerConfig) -> int:
                             root_path=config.root_path or "", log_level="warning",
                             timeout_graceful_shutdown=config.shutdown_grace_period,
                             access_log=False)
+        # NOTE: uvicorn re-raises the signal it caught once it has drained; with the default
+        # handler that would kill us before the engine core is shut down (and exit 143).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         _DrainingServer(uv, ctx).run()
     finally:
         engine.shutdown()
