@@ -39,9 +39,10 @@ class AsyncLLM(FrontEnd):
         self.errored: BaseException | None = None
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield RequestOutputs for one request until it finishes (kind per params)."""
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str,
+                    priority: int = 0) -> asyncio.Queue:
+        """Validate and submit a request now (bad input raises ValueError here, before any
+        response is started); returns the queue ``stream_outputs`` reads."""
         if self.errored is not None:
             raise EngineDeadError(str(self.errored))
         self._ensure_loop()
@@ -50,9 +51,19 @@ class AsyncLLM(FrontEnd):
         self.output_processor.add_request(request_id, text, ids, params, children,
                                           sink=q.put_nowait)
         self._queues[request_id] = q
-        finished = False
         try:
             self.client.add_requests(children)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            self.output_processor.abort(request_id)
+            raise
+        return q
+
+    async def stream_outputs(self, request_id: str, q: asyncio.Queue
+                             ) -> AsyncIterator[RequestOutput]:
+        """Yield a submitted request's outputs until it finishes; leaving early aborts it."""
+        finished = False
+        try:
             while True:
                 out = await q.get()
                 if isinstance(out, BaseException):
@@ -66,7 +77,19 @@ class AsyncLLM(FrontEnd):
             if not finished:
                 self._abort_now(request_id)
 
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutputs for one request until it finishes (kind per params)."""
+        q = self.add_request(prompt, params, request_id, priority)
+        async for out in self.stream_outputs(request_id, q):
+            yield out
+
     async def abort(self, request_id: str) -> None:
+        self.abort_request(request_id)
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request whether or not its outputs are being read."""
+        self._queues.pop(request_id, None)
         self._abort_now(request_id)
 
     def _abort_now(self, request_id: str) -> None:

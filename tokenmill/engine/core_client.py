@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.interfaces import EngineCoreOutputs, EngineCoreRequest
+from tokenmill.engine.interfaces import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,18 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str) -> None:
         ctx.term()
 
 
+def _add_or_refuse(core, dec, payload: bytes, out, enc) -> None:
+    """The front end validates requests; if one still slips through, fail that request
+    (finish_reason "abort") instead of the whole engine."""
+    try:
+        core.add_request(dec.decode(payload))
+    except (msgspec.ValidationError, ValueError) as e:
+        rid = msgspec.msgpack.decode(payload)[0]
+        logging.getLogger(__name__).error("refused request %s: %s", rid, e)
+        refused = EngineCoreOutput(request_id=rid, new_token_ids=[], finish_reason="abort")
+        out.send_multipart([OUTPUTS, enc.encode(EngineCoreOutputs(outputs=[refused]))])
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this process when the front end dies, however it dies."""
     try:
@@ -96,7 +108,7 @@ def _core_loop(core, inp, out, enc) -> None:
         while poller.poll(timeout):
             kind, payload = inp.recv_multipart()
             if kind == ADD:
-                core.add_request(add_dec.decode(payload))
+                _add_or_refuse(core, add_dec, payload, out, enc)
             elif kind == ABORT:
                 core.abort_requests(ids_dec.decode(payload))
             elif kind == UTILITY:

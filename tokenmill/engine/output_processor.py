@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
+
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
 from tokenmill.engine.interfaces import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
@@ -44,6 +46,7 @@ class InputProcessor:
                 ) -> tuple[str | None, list[int], list[EngineCoreRequest]]:
         text, ids = self.tokenize(prompt)
         self.validate(ids)
+        self.validate_params(params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
@@ -55,6 +58,20 @@ class InputProcessor:
             children.append(EngineCoreRequest(rid, ids, child, self.eos_token_ids, priority,
                                               arrival))
         return text, ids, children
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """Reject what the core would choke on: wrong types (a Struct does not check them on
+        construction) and token ids outside the vocabulary."""
+        try:
+            msgspec.convert(msgspec.to_builtins(params), SamplingParams)
+        except (msgspec.ValidationError, TypeError, OverflowError) as e:
+            raise ValueError(f"invalid sampling parameters: {e}") from None
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is out of vocabulary "
+                                 f"(size {self.vocab_size})")
 
     def validate(self, ids: list[int]) -> None:
         if not ids:
@@ -95,7 +112,7 @@ class _Parent:
         self.num_cached_tokens = 0
         self.metrics = {"arrival_time": arrival, "first_token_time": None,
                         "last_token_time": None, "num_generation_tokens": 0,
-                        "queue_time": None}
+                        "queue_time": None, "inter_token_latencies": []}
 
     @property
     def finished(self) -> bool:
@@ -175,6 +192,8 @@ class OutputProcessor:
         if out.new_token_ids:
             if m["first_token_time"] is None:
                 m["first_token_time"] = now
+            else:
+                m["inter_token_latencies"].append(now - m["last_token_time"])
             m["last_token_time"] = now
             m["num_generation_tokens"] += len(out.new_token_ids)
         if out.queue_time is not None and m["queue_time"] is None:

@@ -49,7 +49,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, model_path: str) -> FastAP
         path = request.url.path
         if ctx.draining and path not in OPEN_PATHS:
             response = error_response(503, "the server is shutting down", code="shutting_down")
-        elif config.api_key and path.startswith("/v1") and not _authorized(request, config):
+        elif config.api_key and path not in OPEN_PATHS and not _authorized(request, config):
             response = error_response(401, "invalid or missing API key (send "
                                       "'Authorization: Bearer KEY')", code="invalid_api_key")
         else:

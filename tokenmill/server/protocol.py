@@ -10,9 +10,18 @@ import time
 import uuid
 from typing import Any, Literal
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+
+
+# Bounded integers: out-of-range values are a 400 here, never an overflow deeper down.
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+MAX_N = 128
 
 
 class OpenAIModel(BaseModel):
@@ -43,7 +52,7 @@ class SamplingFields(OpenAIModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: Annotated[int, Field(le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -51,26 +60,26 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
+    top_k: Int32 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int32 = 0
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
-    prompt_logprobs: int | None = None
+    priority: Int32 = 0
+    prompt_logprobs: Int32 | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Int32 | None = None
     suffix: str | None = None
     best_of: int | None = None
 
@@ -87,7 +96,7 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int32 | None = None
     max_completion_tokens: int | None = None
     # Carried now so later work fills them in without changing the wire shapes.
     tools: list[dict[str, Any]] | None = None
@@ -116,7 +125,29 @@ class TokenizeRequest(OpenAIModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
+
+
+class GenerateRequest(OpenAIModel):
+    """The legacy /generate body (vLLM's demo API): a prompt plus sampling fields."""
+
+    prompt: str
+    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Int32 = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Seed | None = None
+    max_tokens: int | None = 16
+    min_tokens: Int32 = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
 
 
 # --------------------------------------------------------------------------- responses
@@ -241,6 +272,8 @@ def to_sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs:
             bias = {int(k): float(v) for k, v in req.logit_bias.items()}
         except ValueError:
             raise ValueError("logit_bias keys must be token ids") from None
+        if any(not 0 <= k < 2**31 for k in bias):
+            raise ValueError("logit_bias keys must be token ids")
         if any(not -100 <= v <= 100 for v in bias.values()):
             raise ValueError("logit_bias values must be in [-100, 100]")
     return SamplingParams(

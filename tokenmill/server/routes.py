@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,7 +12,8 @@ from tokenmill import __version__
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.server.errors import APIError, api_error_from, error_body
 from tokenmill.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, random_id)
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, TokenizeRequest,
+    random_id)
 from tokenmill.server.serving import ServingContext
 from tokenmill.server.serving_chat import render_chat_prompt
 from tokenmill.server.metrics import CONTENT_TYPE_LATEST
@@ -147,46 +147,33 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 
 
 # --------------------------------------------------------------------------- legacy
-_LEGACY_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                  "frequency_penalty", "repetition_penalty", "seed", "max_tokens", "min_tokens",
-                  "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens"}
-
-
 @misc_router.post("/generate")
-async def legacy_generate(request: Request):
+async def legacy_generate(body: GenerateRequest, request: Request):
     """The old vLLM demo API: {"prompt", "stream", sampling fields} -> {"text": [...]}."""
     ctx = _ctx(request)
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
+    if not body.prompt:
         raise APIError(400, "prompt must be a non-empty string", param="prompt")
-    stream = bool(body.get("stream", False))
-    fields = {k: v for k, v in body.items() if k in _LEGACY_FIELDS}
-    ids = ctx.tokenize(prompt)
-    fields["max_tokens"] = ctx.resolve_max_tokens(fields.get("max_tokens"), len(ids))
+    fields = body.model_dump(exclude={"prompt", "stream"}, exclude_unset=False)
+    ids = ctx.tokenize(body.prompt)
+    fields["max_tokens"] = ctx.resolve_max_tokens(body.max_tokens, len(ids))
+    kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
     try:
-        params = SamplingParams(**fields, output_kind=RequestOutputKind.CUMULATIVE if stream
-                                else RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(**fields, output_kind=kind)
     except (TypeError, ValueError) as e:
-        raise APIError(400, str(e)) from None
+        raise api_error_from(ValueError(str(e))) from None
     ctx.check_capacity()
-    outputs = ctx.engine.generate({"prompt": prompt, "prompt_token_ids": ids}, params,
-                                  random_id("gen"))
+    outputs = ctx.submit({"prompt": body.prompt, "prompt_token_ids": ids}, params,
+                         random_id("gen"))
 
-    def frame(out) -> dict:
-        return {"text": [prompt + c.text for c in out.outputs]}
-
-    if stream:
+    if body.stream:
         async def lines():
+            texts = [""] * body.n  # each line carries the whole text so far, per sample
             try:
                 async for out in outputs:
-                    yield (json.dumps(frame(out)) + "\n").encode()
-            except Exception as e:  # noqa: BLE001
+                    for c in out.outputs:
+                        texts[c.index] += c.text
+                    yield (json.dumps({"text": [body.prompt + t for t in texts]}) + "\n").encode()
+            except Exception as e:  # noqa: BLE001 - after the stream started: an error line
                 err = api_error_from(e)
                 yield (json.dumps(error_body(err.status, err.message)) + "\n").encode()
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -195,8 +182,8 @@ async def legacy_generate(request: Request):
         final = None
         async for out in outputs:
             final = out
-        return JSONResponse(frame(final))
+        return JSONResponse({"text": [body.prompt + c.text for c in final.outputs]})
     return await until_disconnect(request, whole())
 
 
-__all__ = ["openai_router", "misc_router", "time"]
+__all__ = ["openai_router", "misc_router"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from tokenmill.config import ServerConfig
@@ -19,6 +20,8 @@ from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import ServerMetrics
 
 logger = logging.getLogger("tokenmill.server")
+
+MAX_LOGPROBS = 20
 
 
 class ServingContext:
@@ -90,22 +93,25 @@ class ServingContext:
                                param="prompt")
 
     # ------------------------------------------------------------------ running
-    async def generate(self, prompt: dict, params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """engine.generate plus per-request metrics and the request log line."""
-        start = time.monotonic()
-        last = ttft = finished = None
+    def submit(self, prompt: dict, params: SamplingParams, request_id: str,
+               priority: int = 0) -> "Submitted":
+        """Admit a request now (bad input raises here, while a 4xx can still be sent) and
+        return its outputs, with per-request metrics and the request log line.
+
+        The engine id gets a unique suffix: clients may reuse an X-Request-Id concurrently.
+        """
+        self.check_params(params)
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        q = self.engine.add_request(prompt, params, engine_id, priority)
+        return Submitted(self, request_id, engine_id, q)
+
+    async def _follow(self, request_id: str, engine_id: str, q) -> AsyncIterator[RequestOutput]:
         gen_tokens = 0
         reasons: list[str] = []
+        finished = None
         # NOTE: the server asks for DELTA or FINAL_ONLY outputs, so summing what each output
         # carries counts every token and every choice's finish exactly once.
-        async for out in self.engine.generate(prompt, params, request_id, priority):
-            now = time.monotonic()
-            if last is None:
-                ttft = now - start
-            else:
-                self.metrics.itl.observe(now - last)
-            last = now
+        async for out in self.engine.stream_outputs(engine_id, q):
             for c in out.outputs:
                 gen_tokens += len(c.token_ids)
                 if c.finish_reason is not None:
@@ -113,16 +119,48 @@ class ServingContext:
             if out.finished:
                 finished = out
             yield out
-        if finished is None:
-            return
-        e2e = time.monotonic() - start
+        if finished is not None:
+            self._record(request_id, finished, gen_tokens, reasons)
+
+    def _record(self, request_id: str, out: RequestOutput, gen_tokens: int,
+                reasons: list[str]) -> None:
+        # Token times are taken as the engine's outputs arrive, so they are the same for
+        # streamed and whole responses.
+        m = out.metrics
+        arrival, first = m["arrival_time"], m.get("first_token_time")
+        e2e = (m.get("last_token_time") or time.monotonic()) - arrival
+        for gap in m.get("inter_token_latencies", ()):
+            self.metrics.itl.observe(gap)
         self.metrics.record_finished(
-            prompt_tokens=len(finished.prompt_token_ids), generation_tokens=gen_tokens,
-            finish_reasons=reasons, e2e=e2e, ttft=ttft,
-            queue_time=finished.metrics.get("queue_time"))
+            prompt_tokens=len(out.prompt_token_ids), generation_tokens=gen_tokens,
+            finish_reasons=reasons, e2e=e2e, ttft=None if first is None else first - arrival,
+            queue_time=m.get("queue_time"))
         if not self.config.disable_log_requests:
             logger.info("request %s: prompt %d tokens, generated %d tokens, %.3fs", request_id,
-                        len(finished.prompt_token_ids), gen_tokens, e2e)
+                        len(out.prompt_token_ids), gen_tokens, e2e)
+
+    def check_params(self, params: SamplingParams) -> None:
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+                           param="prompt_logprobs")
+
+
+class Submitted:
+    """A request in the engine: iterate it for its outputs, or abort it unread."""
+
+    def __init__(self, ctx: ServingContext, request_id: str, engine_id: str, q):
+        self.ctx, self.request_id, self.engine_id, self.q = ctx, request_id, engine_id, q
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self.ctx._follow(self.request_id, self.engine_id, self.q)
+
+    def abort(self) -> None:
+        self.ctx.engine.abort_request(self.engine_id)
+
+
+def abort_all(submitted: list[Submitted]) -> None:
+    for s in submitted:
+        s.abort()
 
 
 async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -154,6 +192,16 @@ async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, obje
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def prompt_logprobs_json(positions) -> list | None:
+    """vLLM's prompt_logprobs shape: per prompt token, None (the first) or
+    {token_id: {"logprob", "rank", "decoded_token"}}."""
+    if positions is None:
+        return None
+    return [None if pos is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in pos.items()} for pos in positions]
 
 
 def chosen_and_top(pos: dict[int, Logprob], token_id: int, k: int):

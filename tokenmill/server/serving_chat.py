@@ -42,7 +42,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 def render_chat_prompt(ctx: ServingContext, req) -> str:
     kwargs = dict(req.chat_template_kwargs or {})
-    tools = req.tools if getattr(req, "tool_choice", None) != "none" else None
+    tools = getattr(req, "tools", None) if getattr(req, "tool_choice", None) != "none" else None
     try:
         return apply_chat_template(
             ctx.tokenizer, message_dicts(req.messages),
@@ -98,8 +98,8 @@ class ChatServer:
         params = to_sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
                                     defaults=ctx.engine.generation_defaults.sampling,
                                     stream=req.stream)
-        outputs = ctx.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id,
-                               req.priority)
+        outputs = ctx.submit({"prompt": text, "prompt_token_ids": ids}, params, request_id,
+                             req.priority)
         if req.stream:
             return self._stream(req, request_id, outputs)
         final = None

@@ -9,7 +9,8 @@ from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
     PromptTokensDetails, Usage, to_sampling_params)
-from tokenmill.server.serving import ServingContext, chosen_and_top, merge
+from tokenmill.server.serving import (
+    ServingContext, abort_all, chosen_and_top, merge, prompt_logprobs_json)
 from tokenmill.server.sse import sse_done, sse_event
 
 MAX_LOGPROBS = 20
@@ -80,8 +81,14 @@ class CompletionServer:
                 params = params.clone(prompt_logprobs=req.logprobs)
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             jobs.append((text, ids, params, rid))
-        iters = [ctx.generate({"prompt": text, "prompt_token_ids": ids}, params, rid,
-                              req.priority) for text, ids, params, rid in jobs]
+        iters = []
+        try:
+            for text, ids, params, rid in jobs:
+                iters.append(ctx.submit({"prompt": text, "prompt_token_ids": ids}, params, rid,
+                                        req.priority))
+        except BaseException:
+            abort_all(iters)  # an earlier prompt of this request is already running
+            raise
         if req.stream:
             return self._stream(req, request_id, jobs, iters)
         finals: list[RequestOutput | None] = [None] * len(jobs)
@@ -104,7 +111,8 @@ class CompletionServer:
         if echo_text is not None:
             text = echo_text + text
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs))
 
     def _echo_text(self, req, out: RequestOutput) -> str | None:
         if not req.echo:
@@ -137,9 +145,10 @@ class CompletionServer:
                     usage.prompt_tokens += len(out.prompt_token_ids)
                 for c in out.outputs:
                     index = i * req.n + c.index
+                    first = index not in offsets
                     text = c.text
                     logprobs = None
-                    if req.echo and index not in offsets:
+                    if req.echo and first:
                         text = (self._echo_text(req, out) or "") + text
                     if req.logprobs is not None:
                         logprobs = _logprobs(self.ctx, c.token_ids, c.logprobs or [],
@@ -149,6 +158,8 @@ class CompletionServer:
                     choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
                                               finish_reason=c.finish_reason,
                                               stop_reason=c.stop_reason)
+                    if first:  # prompt logprobs ride on a choice's first chunk
+                        choice.prompt_logprobs = prompt_logprobs_json(out.prompt_logprobs)
                     chunk = CompletionResponse(id=request_id, created=created,
                                                model=self.ctx.model_name, choices=[choice])
                     yield sse_event(chunk.model_dump(exclude={"usage"}))
