@@ -60,7 +60,11 @@ AUTH_CASES = [
     ("no chat template", "POST", "/v1/chat/completions", CHAT, BEARER, 400),
     ("no chat template, streaming", "POST", "/v1/chat/completions", {**CHAT, "stream": True},
      BEARER, 400),
-    ("tokenize messages without a template", "POST", "/tokenize", {"messages": USER}, {}, 400),
+    ("tokenize messages without a template", "POST", "/tokenize", {"messages": USER}, BEARER,
+     400),
+    # Beyond /v1 too: only /health, /metrics and /version are open with a key set.
+    ("tokenize without key", "POST", "/tokenize", {"prompt": "hi"}, {}, 401),
+    ("legacy generate without key", "POST", "/generate", {"prompt": "hi"}, {}, 401),
 ]
 
 

@@ -12,17 +12,20 @@ from typing import Any, Literal
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool
 
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
-# Bounded integers: out-of-range values are a 400 here, never an overflow deeper down.
-Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 MAX_N = 128
 
+# Bounded integers: out-of-range values are a 400 here, never an overflow deeper down.
+# Strict: JSON `true` is not 1 and "5" is not 5 (pydantic's lax mode would say they are).
+Int = Annotated[int, Strict()]
+Int32 = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**64 - 1)]
+NumSamples = Annotated[int, Strict(), Field(le=MAX_N)]
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -42,8 +45,8 @@ class ErrorResponse(BaseModel):
 
 # --------------------------------------------------------------------------- requests
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class SamplingFields(OpenAIModel):
@@ -52,11 +55,11 @@ class SamplingFields(OpenAIModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: Annotated[int, Field(le=MAX_N)] = 1
-    stream: bool = False
+    n: NumSamples = 1
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -66,22 +69,22 @@ class SamplingFields(OpenAIModel):
     top_k: Int32 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     min_tokens: Int32 = 0
     stop_token_ids: list[TokenId] | None = None
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     priority: Int32 = 0
     prompt_logprobs: Int32 | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    echo: bool = False
+    echo: StrictBool = False
     logprobs: Int32 | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
 
 class ChatMessage(OpenAIModel):
@@ -95,19 +98,19 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: Int32 | None = None
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     # Carried now so later work fills them in without changing the wire shapes.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     reasoning: dict[str, Any] | None = None
     # vLLM's chat extras
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -116,11 +119,11 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    return_token_strs: bool = False
+    return_token_strs: StrictBool = False
 
 
 class DetokenizeRequest(OpenAIModel):
@@ -132,8 +135,8 @@ class GenerateRequest(OpenAIModel):
     """The legacy /generate body (vLLM's demo API): a prompt plus sampling fields."""
 
     prompt: str
-    stream: bool = False
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stream: StrictBool = False
+    n: Annotated[int, Strict(), Field(ge=1, le=MAX_N)] = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: Int32 = 0
@@ -142,12 +145,12 @@ class GenerateRequest(OpenAIModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: Seed | None = None
-    max_tokens: int | None = 16
+    max_tokens: Int | None = 16
     min_tokens: Int32 = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
 
 
 # --------------------------------------------------------------------------- responses
