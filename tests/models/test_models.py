@@ -1,6 +1,7 @@
 """Model parity with Hugging Face transformers (float32, eager attention) for every family,
 through the paged KV cache: one-shot prefill, chunked prefill + decode on a scattered block
-table, a mixed decode/prefill batch, sliding windows; plus loader errors and the registry."""
+table, a mixed decode/prefill batch, sliding windows; bfloat16 with and without the fp32-GEMM
+path; plus loader errors and the registry."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tokenmill.models.layers import Linear
 from tokenmill.models.loader import load_hf_config, load_model, resolve_dtype
 from tokenmill.models.qwen2 import uniform_sliding_window
 from tokenmill.models.registry import get_model_class, supported_architectures
 from tokenmill.testing import TEST_ARCHS
 from tokenmill.testing.checkpoints import make_checkpoint
-from tokenmill.worker.attention import AttentionMetadata, PrefillChunk, causal_mask, decode_mask
+from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,13 +59,21 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return torch.randint(3, 700, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def new_caches(model, num_blocks: int = 16):
-    shape = (num_blocks, BLOCK, model.num_kv_heads, model.head_dim)
-    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.num_layers)]
+NUM_BLOCKS = 16
 
 
-def slots(blocks: list[int], start: int, end: int) -> list[int]:
-    return [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
+def kv_spec(model) -> KVCacheSpec:
+    return KVCacheSpec(NUM_BLOCKS, BLOCK, model.num_kv_heads, model.head_dim)
+
+
+def new_caches(model):
+    return kv_spec(model).allocate(model.num_layers, torch.float32, "cpu")
+
+
+def step_meta(model, *spans: tuple[int, int, list[int]]):
+    """Metadata of one step whose rows are these (start_pos, num_tokens, block_ids) spans."""
+    return build_metadata([SeqSpan(*s) for s in spans], kv_spec(model), model.sliding_window,
+                          "cpu")
 
 
 def nblocks(ctx: int) -> int:
@@ -74,14 +85,6 @@ def run(model, caches, ids: list[int], positions: list[int], meta) -> torch.Tens
     hidden = model(torch.tensor(ids), torch.tensor(positions), caches, meta)
     assert hidden.shape == (len(ids), model.hidden_size)
     return model.compute_logits(hidden)
-
-
-def prefill_meta(blocks, start, num, window=None, force_mask=False, row0=0) -> PrefillChunk:
-    ctx = start + num
-    mask = None
-    if start > 0 or force_mask:
-        mask = causal_mask(num, start, ctx, window, "cpu")
-    return PrefillChunk(row0, num, start, torch.tensor(blocks[:nblocks(ctx)]), mask)
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor):
@@ -105,8 +108,7 @@ def test_prefill_matches_hf(ckpt, arch, overrides):
     path = ckpt(arch, **overrides)
     model = load(path)
     ids = prompt(20)
-    meta = AttentionMetadata(slot_mapping=torch.arange(20),
-                             prefills=[PrefillChunk(0, 20, 0, torch.arange(nblocks(20)), None)])
+    meta = step_meta(model, (0, 20, list(range(nblocks(20)))))
     assert_close(run(model, new_caches(model), ids, list(range(20)), meta),
                  hf_logits(path, tuple(ids)))
 
@@ -118,17 +120,13 @@ def test_chunked_prefill_then_decode_matches_hf(ckpt, arch):
     ref = hf_logits(path, tuple(ids))
     caches, blocks = new_caches(model), [7, 3, 11, 0, 5, 9]   # scattered on purpose
 
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots(blocks, 0, 12)),
-                             prefills=[prefill_meta(blocks, 0, 12)])
+    meta = step_meta(model, (0, 12, blocks))
     assert_close(run(model, caches, ids[:12], list(range(12)), meta), ref[:12])
 
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots(blocks, 12, 19)),
-                             prefills=[prefill_meta(blocks, 12, 7)])
+    meta = step_meta(model, (12, 7, blocks))
     assert_close(run(model, caches, ids[12:19], list(range(12, 19)), meta), ref[12:19])
 
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots(blocks, 19, 20)), num_decode_tokens=1,
-                             decode_block_table=torch.tensor([blocks[:nblocks(20)]]),
-                             decode_mask=decode_mask([20], nblocks(20) * BLOCK, None, "cpu"))
+    meta = step_meta(model, (19, 1, blocks))
     assert_close(run(model, caches, ids[19:], [19], meta), ref[19:])
 
 
@@ -142,28 +140,18 @@ def test_mixed_batch_matches_hf(ckpt, arch):
     caches = new_caches(model)
     blocks_a, blocks_b = [7, 3, 11, 0, 5, 9], [2, 8, 1, 10, 4]
 
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots(blocks_a, 0, 20) + slots(blocks_b, 0, 12)),
-        prefills=[prefill_meta(blocks_a, 0, 20), prefill_meta(blocks_b, 0, 12, row0=20)])
+    meta = step_meta(model, (0, 20, blocks_a), (0, 12, blocks_b))
     out = run(model, caches, a[:20] + b[:12], list(range(20)) + list(range(12)), meta)
     assert_close(out[:20], ref_a[:20])
     assert_close(out[20:], ref_b[:12])
 
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots(blocks_a, 20, 21) + slots(blocks_b, 12, 16)),
-        num_decode_tokens=1, decode_block_table=torch.tensor([blocks_a[:nblocks(21)]]),
-        decode_mask=decode_mask([21], nblocks(21) * BLOCK, None, "cpu"),
-        prefills=[prefill_meta(blocks_b, 12, 4, row0=1)])
+    meta = step_meta(model, (20, 1, blocks_a), (12, 4, blocks_b))
     out = run(model, caches, a[20:21] + b[12:16], [20, 12, 13, 14, 15], meta)
     assert_close(out[:1], ref_a[20:21])
     assert_close(out[1:], ref_b[12:16])
 
-    width = nblocks(22)
-    table = [blocks_a[:width], blocks_b[:nblocks(17)] + [0] * (width - nblocks(17))]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots(blocks_a, 21, 22) + slots(blocks_b, 16, 17)),
-        num_decode_tokens=2, decode_block_table=torch.tensor(table),
-        decode_mask=decode_mask([22, 17], width * BLOCK, None, "cpu"))
+    meta = step_meta(model, (21, 1, blocks_a), (16, 1, blocks_b))
+    assert [g.num_seqs for g in meta.decode_groups] == [2]   # one padded group of two
     out = run(model, caches, [a[21], b[16]], [21, 16], meta)
     assert_close(out[:1], ref_a[21:])
     assert_close(out[1:], ref_b[16:])
@@ -181,22 +169,17 @@ def test_mistral_sliding_window_matches_hf(ckpt):
     assert_close(ref[:8], full[:8])
 
     # One-shot prefill: the window needs an explicit mask (mask=None is plain causal).
-    blocks = list(range(nblocks(20)))
-    meta = AttentionMetadata(slot_mapping=torch.arange(20),
-                             prefills=[prefill_meta(blocks, 0, 20, window=8, force_mask=True)])
+    meta = step_meta(model, (0, 20, list(range(nblocks(20)))))
+    assert meta.prefills[0].mask is not None
     assert_close(run(model, new_caches(model), ids, list(range(20)), meta), ref)
 
     # Chunked prefill then decode, windowed.
     caches, blocks = new_caches(model), [7, 3, 11, 0, 5, 9]
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots(blocks, 0, 6)),
-                             prefills=[prefill_meta(blocks, 0, 6)])
+    meta = step_meta(model, (0, 6, blocks))
     assert_close(run(model, caches, ids[:6], list(range(6)), meta), ref[:6])
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots(blocks, 6, 19)),
-                             prefills=[prefill_meta(blocks, 6, 13, window=8)])
+    meta = step_meta(model, (6, 13, blocks))
     assert_close(run(model, caches, ids[6:19], list(range(6, 19)), meta), ref[6:19])
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots(blocks, 19, 20)), num_decode_tokens=1,
-                             decode_block_table=torch.tensor([blocks[:nblocks(20)]]),
-                             decode_mask=decode_mask([20], nblocks(20) * BLOCK, 8, "cpu"))
+    meta = step_meta(model, (19, 1, blocks))
     assert_close(run(model, caches, ids[19:], [19], meta), ref[19:])
 
 
@@ -205,10 +188,45 @@ def test_sharded_checkpoint_loads_and_matches(ckpt):
     shards = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
     assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(path)
     model, ids = load(path), prompt(20, seed=5)
-    meta = AttentionMetadata(slot_mapping=torch.arange(20),
-                             prefills=[PrefillChunk(0, 20, 0, torch.arange(nblocks(20)), None)])
+    meta = step_meta(model, (0, 20, list(range(nblocks(20)))))
     assert_close(run(model, new_caches(model), ids, list(range(20)), meta),
                  hf_logits(path, tuple(ids)))
+
+
+@pytest.mark.parametrize("fp32_gemm", [False, True], ids=["bf16-gemm", "fp32-gemm"])
+def test_bf16_matches_hf_bf16(ckpt, fp32_gemm):
+    """bfloat16 rounds where HF's bfloat16 model rounds, also when the matmuls run on float32
+    weight copies (the CPU fast path): chunked prefill then decode through the cache."""
+    from transformers import AutoModelForCausalLM
+
+    path = ckpt("qwen3", dtype="bfloat16")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                              attn_implementation="sdpa", local_files_only=True)
+    ids = prompt(20, seed=6)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    model = load_model(path, load_hf_config(path), "bfloat16", "cpu", progress=False)
+    if fp32_gemm:
+        model.use_fp32_gemm(1)
+    caches = kv_spec(model).allocate(model.num_layers, torch.bfloat16, "cpu")
+    blocks = [7, 3, 11, 0, 5, 9]
+    out = torch.cat([
+        run(model, caches, ids[:12], list(range(12)), step_meta(model, (0, 12, blocks))),
+        run(model, caches, ids[12:19], list(range(12, 19)), step_meta(model, (12, 7, blocks))),
+        run(model, caches, ids[19:], [19], step_meta(model, (19, 1, blocks)))])
+    # Logits near 8: one bf16 step is 1/16; summation order may move a rounding by a step.
+    torch.testing.assert_close(out, ref, atol=1 / 8, rtol=0)
+
+
+def test_fp32_gemm_linear():
+    lin = Linear(64, 48, bias=True).to(torch.bfloat16)
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.use_fp32_gemm(min_rows=32)
+        small, big = lin(x[:8]), lin(x)
+        assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))   # bf16 below the bar
+        assert big.dtype == torch.bfloat16
+        torch.testing.assert_close(big, F.linear(x, lin.weight, lin.bias))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ ordering and bfloat16 outputs round the same way.
 
 q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs are faster, on CPU most of
 all). ``FusedLinear`` records where each checkpoint tensor goes; the loader uses that, and
-``forward`` never sees a checkpoint name.
+``forward`` never sees a checkpoint name. rope runs on q and k together and takes its sign
+from the sin table, to keep the ops per layer few (small decode batches pay per op).
 """
 
 from __future__ import annotations
@@ -94,27 +95,61 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """-> cos [T, 1, D], signed sin [T, 1, D] (see ``apply_rope``), in ``dtype``."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]   # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                       # [T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        cos = torch.cat((freqs, freqs), dim=-1).cos()                 # [T, D]
+        sin = freqs.sin()
+        # rotate_half(x) * sin == swap_halves(x) * cat(-sin, sin): the sign moves into the
+        # table once per step instead of a neg per layer (exact: negation does not round).
+        sin = torch.cat((-sin, sin), dim=-1)
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, D] (neox style: the two halves of D form the rotated pairs)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) (neox style: the two
+    halves of D form the rotated pairs); ``sin`` carries rotate_half's sign.
+    x: [T, H, D]; cos, sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)   # [T, H, D]
+    return x * cos + swapped * sin
 
 
 # ---------------------------------------------------------------------------------------------
 # Linear layers
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` that can run its matmuls on float32 copies of its bfloat16 weights.
+
+    On CPUs without usable AMX, MKL's fp32 GEMM on a ``[in, out]`` weight beats oneDNN's bf16
+    GEMM from a few dozen rows on (1.3-2x; BENCHMARKS.md); for fewer rows, reading half the
+    bytes keeps bf16 as fast. The result is the same bf16 GEMM up to summation order: bf16 x bf16
+    products are exact in fp32, both accumulate in fp32 and round to bf16 once.
+    ``use_fp32_gemm`` turns it on (the runner decides).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.fp32_min_rows = 0   # 0: always the weights' own dtype
+
+    def use_fp32_gemm(self, min_rows: int) -> None:
+        """From ``min_rows`` input rows on, compute in float32 (keeps fp32 weight copies)."""
+        self.fp32_min_rows = min_rows
+        # NOTE: [in, out] contiguous: MKL's sgemm on this layout was 1.3-2x faster than on
+        # nn.Linear's [out, in] for small batches (BENCHMARKS.md).
+        self.weight_t_fp32 = self.weight.detach().float().t().contiguous()
+        self.bias_fp32 = None if self.bias is None else self.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: [T, in]
+        if self.fp32_min_rows and x.shape[0] >= self.fp32_min_rows:
+            x32 = x.float()
+            if self.bias_fp32 is None:
+                return torch.mm(x32, self.weight_t_fp32).to(x.dtype)
+            return torch.addmm(self.bias_fp32, x32, self.weight_t_fp32).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """One Linear whose output rows are several checkpoint tensors stacked (q|k|v, gate|up).
 
     ``shards`` maps a checkpoint sub-module name (``"q_proj"``) to its row slice; the loader
@@ -137,7 +172,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = FusedLinear(
             hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)   # [T, I] each
@@ -158,23 +193,21 @@ class Attention(nn.Module):
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.qkv_proj = FusedLinear(
             hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, qkv_bias)
-        self.o_proj = nn.Linear(q_size, hidden_size, bias=o_bias)
+        self.o_proj = Linear(q_size, hidden_size, bias=o_bias)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)        # q: [T, H, D]
-        k = k.view(T, self.num_kv_heads, self.head_dim)     # k: [T, Hkv, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)     # v: [T, Hkv, D]
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        T, H = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x).view(T, H + 2 * self.num_kv_heads, self.head_dim)
+        qk, v = qkv[:, :H + self.num_kv_heads], qkv[:, H + self.num_kv_heads:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        return self.o_proj(o.reshape(T, q_size))
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        # NOTE: q and k heads side by side get rope in one pass (half the per-layer ops).
+        qk = apply_rope(qk, cos, sin)                       # qk: [T, H + Hkv, D]
+        q, k = qk[:, :H], qk[:, H:]                         # q: [T, H, D]; k, v: [T, Hkv, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, H, D]
+        return self.o_proj(o.reshape(T, H * self.head_dim))

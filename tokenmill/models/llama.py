@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenmill.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, rope_parameters
+from tokenmill.models.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding,
+                                     rope_parameters)
 from tokenmill.models.registry import CausalLM, register
 from tokenmill.worker.attention import AttentionMetadata
 
@@ -28,7 +29,7 @@ class LlamaDecoderLayer(nn.Module):
                             bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -45,10 +46,10 @@ class LlamaModel(nn.Module):
                                           config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                         # x: [T, hidden]
-        cos, sin = self.rotary_emb(positions, x.dtype)           # cos, sin: [T, D]
+        cos, sin = self.rotary_emb(positions, x.dtype)           # cos, sin: [T, 1, D]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
@@ -61,7 +62,7 @@ class LlamaForCausalLM(CausalLM):
         layers = [LlamaDecoderLayer(config, self.make_attention(config))
                   for _ in range(self.num_layers)]
         self.model = LlamaModel(config, layers, self.head_dim)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -75,6 +76,6 @@ class LlamaForCausalLM(CausalLM):
                          **self.attention_options(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)

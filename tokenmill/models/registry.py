@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tokenmill.models.layers import FusedLinear
+from tokenmill.models.layers import FusedLinear, Linear
 from tokenmill.worker.attention import AttentionMetadata
 
 ARCHITECTURES: dict[str, type[CausalLM]] = {}
@@ -82,7 +82,7 @@ class CausalLM(nn.Module):
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
         raise NotImplementedError
@@ -90,6 +90,20 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab] (matmul in the model dtype, as HF)."""
         return self.lm_head(hidden).float()
+
+    def use_fp32_gemm(self, min_rows: int) -> int:
+        """Run matmuls of ``min_rows`` rows or more on float32 weight copies (see
+        ``layers.Linear``); returns the bytes the copies take."""
+        extra = 0
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_fp32_gemm(min_rows)
+                extra += module.weight.numel() * 4
+        return extra
+
+    def fp32_gemm_bytes(self) -> int:
+        """Bytes ``use_fp32_gemm`` would add."""
+        return sum(m.weight.numel() * 4 for m in self.modules() if isinstance(m, Linear))
 
     # -----------------------------------------------------------------------------------------
     # Loading

@@ -15,13 +15,18 @@ import torch
 from tokenmill.config import GiB, EngineConfig
 from tokenmill.engine.interfaces import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.models.loader import load_hf_config, load_model, resolve_dtype
-from tokenmill.worker.attention import AttentionMetadata, PrefillChunk, causal_mask, decode_mask
+from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
 from tokenmill.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_MEMORY = 2 * GiB
 GPU_MEMORY_FRACTION = 0.9
+# bf16 on CPU: matmuls of this many rows or more run on float32 weight copies (MKL's fp32 GEMM
+# beats oneDNN's bf16 one there without AMX; below it, bf16's half-size weights win), when the
+# copies take at most CPU_FP32_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
+CPU_FP32_GEMM_MIN_ROWS = 32
+CPU_FP32_GEMM_MAX_BYTES = 4 * GiB
 
 
 class ModelRunner:
@@ -31,15 +36,17 @@ class ModelRunner:
         self.hf_config = load_hf_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, self.hf_config)
         self.model = load_model(mc.model, self.hf_config, self.dtype, self.device, progress=progress)
+        if (self.device.type == "cpu" and self.dtype == torch.bfloat16
+                and self.model.fp32_gemm_bytes() <= CPU_FP32_GEMM_MAX_BYTES):
+            extra = self.model.use_fp32_gemm(CPU_FP32_GEMM_MIN_ROWS)
+            logger.info("bf16 on CPU: matmuls of >= %d rows use fp32 weight copies (%.2f GiB)",
+                        CPU_FP32_GEMM_MIN_ROWS, extra / GiB)
         self.block_size = config.cache.block_size
         self.sliding_window = getattr(self.model, "sliding_window", None)
         self.num_blocks = self._decide_num_blocks(config)
-        shape = (self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
-        # NOTE: zeros, not empty: masked-out padding slots still enter the attention matmul,
-        # and 0 * NaN garbage would poison real rows.
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(self.model.num_layers)]
+        self.kv_spec = KVCacheSpec(self.num_blocks, self.block_size, self.model.num_kv_heads,
+                                   self.model.head_dim)
+        self.kv_caches = self.kv_spec.allocate(self.model.num_layers, self.dtype, self.device)
         self.sampler = Sampler(self.device, seed=mc.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.forward_time = 0.0  # seconds spent in the model forward (read by the profiler)
@@ -79,8 +86,10 @@ class ModelRunner:
         for rid in so.finished_req_ids:
             self.generators.pop(rid, None)
         seqs = so.scheduled
-        # NOTE: decodes first (one token each) so attention can batch them as one padded block.
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_tokens != 1)
+        # NOTE: decodes first (one token each), longest first, so that attention can batch
+        # them in a few groups of similar length (least padding).
+        order = sorted(range(len(seqs)), key=lambda i: (seqs[i].num_tokens != 1,
+                                                        -seqs[i].start_pos))
         input_ids, positions, meta, logit_rows, plp_rows = self._prepare(seqs, order)
         t0 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -116,47 +125,28 @@ class ModelRunner:
         return SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, gen)
 
     def _prepare(self, seqs: list[ScheduledSeq], order: list[int]):
-        bs, window = self.block_size, self.sliding_window
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        spans: list[SeqSpan] = []
         logit_rows: list[tuple[int, int]] = []    # (seq index, row of its last token)
         plp_rows: list[tuple[int, tuple[int, int], list[int]]] = []
-        dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
         for i in order:
             s = seqs[i]
-            start, num, blocks = s.start_pos, s.num_tokens, s.block_ids
+            start, num = s.start_pos, s.num_tokens
             row0 = len(input_ids)
             toks = s.request.all_token_ids
             input_ids.extend(toks[start:start + num])
             positions.extend(range(start, start + num))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + num))
-            ctx = start + num
-            nblk = -(-ctx // bs)
-            if num == 1:
-                dec_tables.append(blocks[:nblk])
-                dec_lens.append(ctx)
-            else:
-                mask = None
-                if start > 0 or (window is not None and ctx > window):
-                    mask = causal_mask(num, start, ctx, window, self.device)
-                prefills.append(PrefillChunk(row0, num, start, self._tensor(blocks[:nblk]), mask))
+            spans.append(SeqSpan(start, num, s.block_ids))
             if s.sample:
                 logit_rows.append((i, row0 + num - 1))
             if s.request.params.prompt_logprobs is not None:
                 # Rows whose next token is still a prompt token.
-                end = min(ctx, s.request.num_prompt_tokens - 1)
+                end = min(start + num, s.request.num_prompt_tokens - 1)
                 if end > start:
                     plp_rows.append((i, (row0, row0 + end - start),
                                      toks[start + 1:end + 1]))
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(dec_lens),
-                                 prefills=prefills)
-        if dec_lens:
-            width = max(len(t) for t in dec_tables)
-            meta.decode_block_table = self._tensor([t + [0] * (width - len(t)) for t in dec_tables])
-            meta.decode_mask = decode_mask(dec_lens, width * bs, window, self.device)
+        meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device)
         return (self._tensor(input_ids), self._tensor(positions), meta, logit_rows, plp_rows)
 
     def _tensor(self, data) -> torch.Tensor:
