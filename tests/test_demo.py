@@ -1,0 +1,108 @@
+"""The embedded demo model: its seeded data generator, tokenizer and chat template, and the
+shipped checkpoint (loads in tokenmill, answers an addition, same ids as AutoTokenizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from tokenmill.cli import default_model_path
+from tokenmill.demo import data
+from tokenmill.demo import tokenizer as demo_tok
+
+SHIPPED = default_model_path()
+needs_checkpoint = pytest.mark.skipif(SHIPPED is None, reason="no embedded demo model")
+
+
+def test_generator_is_seeded_and_covers_every_kind():
+    a = [dataclasses.asdict(s) for s in data.generate(300, seed=7)]
+    assert a == [dataclasses.asdict(s) for s in data.generate(300, seed=7)]
+    assert a != [dataclasses.asdict(s) for s in data.generate(300, seed=8)]
+    samples = data.generate(2000, seed=0)
+    assert {s.kind for s in samples} == set(data.KINDS)
+    assert any(s.thinking and s.completion.startswith("<think>\n") for s in samples)
+    assert any(s.messages and s.messages[0]["role"] == "system" for s in samples)
+
+
+def test_arithmetic_answers_and_held_out_pairs():
+    for split in ("train", "eval"):
+        for s in data.generate(300, seed=1, split=split, kinds={"arithmetic": 1.0}):
+            m = s.meta
+            assert data.held_out(m["op"], m["a"], m["b"]) == (split == "eval")
+            assert s.completion.endswith(f"{m['a']} {m['op']} {m['b']} = {m['answer']}.")
+    assert data.answer_line("+", 37, 48) == "37 + 48 = 85."
+    assert data.thinking_steps("+", 37, 48).splitlines()[1:] == [
+        "Ones: 7 + 8 = 15. Write 5, carry 1.", "Tens: 3 + 4 + 1 = 8.", "So 37 + 48 = 85."]
+
+
+def test_tool_samples_call_with_arguments_from_the_question():
+    for s in data.generate(100, seed=2, kinds={"tool_call": 1.0}):
+        names = [t["function"]["name"] for t in s.tools]
+        assert s.meta["tool"] in names
+        call = json.loads(s.completion.split("<tool_call>\n")[1].split("\n</tool_call>")[0])
+        assert call == {"name": s.meta["tool"], "arguments": s.meta["arguments"]}
+        question = s.messages[-1]["content"]
+        assert all(str(v) in question for v in call["arguments"].values())
+    for s in data.generate(50, seed=3, kinds={"tool_answer": 1.0}):
+        assert [m["role"] for m in s.messages][-3:] == ["user", "assistant", "tool"]
+        assert all(x in s.completion for x in s.meta["mentions"])
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    if SHIPPED:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(SHIPPED, local_files_only=True)
+    texts = [s.completion for s in data.generate(200, seed=0)]
+    return demo_tok.to_transformers(demo_tok.train_tokenizer(texts, 600))
+
+
+def test_template_renders_tools_tool_results_and_thinking(hf_tokenizer):
+    s = data.generate(1, seed=4, kinds={"tool_answer": 1.0})[0]
+    text = hf_tokenizer.apply_chat_template(s.messages, tools=s.tools, tokenize=False,
+                                            add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n")
+    assert "# Tools" in text and json.dumps(s.tools[0]) in text
+    call = s.messages[-2]["tool_calls"][0]["function"]
+    assert (f'<|im_start|>assistant\n<tool_call>\n{{"name": "{call["name"]}", "arguments": '
+            f'{call["arguments"]}}}\n</tool_call><|im_end|>\n') in text
+    assert ("<|im_start|>user\n<tool_response>\n" + s.messages[-1]["content"] +
+            "\n</tool_response><|im_end|>\n") in text
+    # Thinking off (the default): an empty think block is pre-filled; on: the model opens one.
+    msgs = [{"role": "user", "content": "Hi"}]
+    off = hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    on = hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=True)
+    assert off == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert on == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    # Earlier turns lose their reasoning.
+    history = msgs + [{"role": "assistant", "content": "<think>\nx\n</think>\n\nHello!"}]
+    assert hf_tokenizer.apply_chat_template(history, tokenize=False).endswith(
+        "<|im_start|>assistant\nHello!<|im_end|>\n")
+
+
+@needs_checkpoint
+def test_shipped_folder_autotokenizer_matches_tokenizer_json():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(f"{SHIPPED}/tokenizer.json")
+    texts = [s.completion for s in data.generate(50, seed=5)] + [
+        "What is 37 + 48?", "<think>\n</think>\n\n<tool_call>\n{}\n</tool_call> café 😀 2025"]
+    assert demo_tok.check_same_ids(tok, SHIPPED, texts) == len(texts)
+    gen = json.loads(open(f"{SHIPPED}/generation_config.json").read())
+    assert gen["eos_token_id"] == [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+
+
+@needs_checkpoint
+def test_shipped_model_adds_in_tokenmill():
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model=SHIPPED, num_kv_blocks=64, show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    outs = llm.chat([[{"role": "user", "content": "What is 37 + 48?"}],
+                     [{"role": "user", "content": "Hello!"}]], params, use_tqdm=False)
+    assert outs[0].outputs[0].text == "37 + 48 = 85."
+    assert "tokenmill" in outs[1].outputs[0].text

@@ -1,0 +1,229 @@
+"""Tool-use samples in the Hermes / Qwen format, for the demo data generator.
+
+A request lists one to three tools (OpenAI ``{"type": "function", "function": {...}}`` dicts;
+the chat template renders them into the system prompt). Names, parameter names and
+descriptions vary between samples so that the model learns to copy them from the listed
+schemas rather than memorise one spelling. A matching question is answered with::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+and, given a ``tool`` message with the result, with a sentence that uses that result.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+CITIES = ["Paris", "London", "Berlin", "Tokyo", "New York", "Madrid", "Rome", "Lisbon", "Oslo",
+          "Cairo", "Sydney", "Toronto", "Chicago", "Seoul", "Beijing", "Mumbai", "Lagos",
+          "Nairobi", "Lima", "Bogota", "Dublin", "Vienna", "Prague", "Warsaw", "Athens",
+          "Istanbul", "Moscow", "Dubai", "Bangkok", "Jakarta", "Manila", "Hanoi", "Santiago",
+          "Mexico City", "Boston", "Seattle", "Denver", "Miami", "Austin", "Zurich", "Geneva",
+          "Amsterdam", "Brussels", "Stockholm", "Helsinki", "Copenhagen", "Reykjavik",
+          "San Francisco", "Los Angeles", "Buenos Aires", "Cape Town", "Melbourne", "Auckland",
+          "Vancouver", "Montreal", "Kyoto", "Osaka", "Munich", "Hamburg", "Milan", "Naples",
+          "Barcelona", "Seville", "Porto", "Edinburgh", "Manchester", "Lyon", "Marseille"]
+
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy", "clear", "stormy",
+              "partly cloudy", "light rain", "overcast", "hot and humid"]
+
+SYMBOLS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA", "TSLA", "META", "IBM", "INTC", "ORCL"]
+
+TOPICS = ["tokenmill", "paged attention", "the history of Rome", "how bees make honey",
+          "the tallest mountain", "continuous batching", "black holes", "the Python language",
+          "healthy breakfast ideas", "the rules of chess"]
+
+
+def _fn(name: str, description: str, props: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": props, "required": required}}}
+
+
+def _str(description: str) -> dict:
+    return {"type": "string", "description": description}
+
+
+def weather_tool(rng: random.Random) -> tuple[dict, dict]:
+    name = rng.choice(["get_weather", "get_current_weather", "weather_lookup", "lookup_weather"])
+    place = rng.choice(["city", "location"])
+    props = {place: _str(rng.choice(["The city name, e.g. Paris", "The city to look up",
+                                     "City name"]))}
+    unit = rng.random() < 0.5
+    if unit:
+        props["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+    desc = rng.choice(["Get the current weather in a city.", "Look up the weather.",
+                       "Get the weather for a location."])
+    return _fn(name, desc, props, [place]), {"place": place, "unit": unit}
+
+
+def clock_tool(rng: random.Random) -> tuple[dict, dict]:
+    name = rng.choice(["get_time", "get_current_time", "clock", "current_time"])
+    place = rng.choice(["city", "location"])
+    desc = rng.choice(["Get the current local time in a city.", "Tell the time.",
+                       "Return the current time for a location."])
+    return _fn(name, desc, {place: _str("The city, e.g. Tokyo")}, [place]), {"place": place}
+
+
+def calculator_tool(rng: random.Random) -> tuple[dict, dict]:
+    name = rng.choice(["calculator", "calculate", "evaluate", "math"])
+    arg = rng.choice(["expression", "expr"])
+    desc = rng.choice(["Evaluate an arithmetic expression.", "A calculator.",
+                       "Compute the value of a math expression."])
+    return _fn(name, desc, {arg: _str("e.g. 12 * 34")}, [arg]), {"arg": arg}
+
+
+def search_tool(rng: random.Random) -> tuple[dict, dict]:
+    name = rng.choice(["search_web", "web_search", "search"])
+    return _fn(name, "Search the web.", {"query": _str("The search query")}, ["query"]), {}
+
+
+def stock_tool(rng: random.Random) -> tuple[dict, dict]:
+    name = rng.choice(["get_stock_price", "stock_price"])
+    return _fn(name, "Get the latest stock price.", {"symbol": _str("Ticker, e.g. AAPL")},
+               ["symbol"]), {}
+
+
+MAKERS = {"weather": weather_tool, "clock": clock_tool, "calculator": calculator_tool,
+          "search": search_tool, "stock": stock_tool}
+CALL_WEIGHTS = {"weather": 0.35, "clock": 0.25, "calculator": 0.25, "search": 0.08, "stock": 0.07}
+
+
+def _question(rng: random.Random, kind: str, info: dict) -> tuple[str, dict, dict]:
+    """(question, arguments, facts for the result) for a tool of ``kind``."""
+    if kind == "weather":
+        city = rng.choice(CITIES)
+        q = rng.choice(["What's the weather in {c}?", "What is the weather like in {c}?",
+                        "How warm is it in {c}?", "Is it raining in {c}?",
+                        "Weather in {c}?", "Tell me the weather for {c}.",
+                        "Do I need an umbrella in {c} today?", "how's the weather in {c}"])
+        args = {info["place"]: city}
+        q = q.format(c=city)
+        if info["unit"] and rng.random() < 0.5:
+            unit = rng.choice(["celsius", "fahrenheit"])
+            q = q.rstrip("?.") + f" in {unit}?"
+            args["unit"] = unit
+        return q, args, {"city": city, "unit": args.get("unit", "celsius")}
+    if kind == "clock":
+        city = rng.choice(CITIES)
+        q = rng.choice(["What time is it in {c}?", "What's the time in {c}?",
+                        "Tell me the current time in {c}.", "time in {c}?",
+                        "What is the local time in {c} right now?"]).format(c=city)
+        return q, {info["place"]: city}, {"city": city}
+    if kind == "calculator":
+        op = rng.choice("+-*/")
+        a, b = rng.randint(2, 9999), rng.randint(2, 999)
+        if rng.random() < 0.3:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+        expr = f"{a} {op} {b}"
+        q = rng.choice(["Use the calculator to compute {e}.", "What is {e}?", "Calculate {e}.",
+                        "Please work out {e} with the calculator.", "{e} = ?"]).format(e=expr)
+        return q, {info["arg"]: expr}, {"expr": expr, "value": _calc(a, op, b)}
+    if kind == "search":
+        topic = rng.choice(TOPICS)
+        q = rng.choice(["Search the web for {t}.", "Look up {t} online.",
+                        "Can you find information about {t}?"]).format(t=topic)
+        return q, {"query": topic}, {"topic": topic}
+    sym = rng.choice(SYMBOLS)
+    q = rng.choice(["What is the stock price of {s}?", "How much is {s} trading at?",
+                    "Get me the price of {s} stock."]).format(s=sym)
+    return q, {"symbol": sym}, {"symbol": sym}
+
+
+def _calc(a: int, op: str, b: int):
+    v = {"+": a + b, "-": a - b, "*": a * b, "/": round(a / b, 2)}[op]
+    return int(v) if float(v).is_integer() else v
+
+
+def _result(rng: random.Random, kind: str, facts: dict) -> tuple[str, str, list[str]]:
+    """(tool message content, the answer using it, strings the answer must mention)."""
+    if kind == "weather":
+        temp = rng.randint(-10, 40) if facts["unit"] == "celsius" else rng.randint(10, 105)
+        cond, city = rng.choice(CONDITIONS), facts["city"]
+        deg = "°C" if facts["unit"] == "celsius" else "°F"
+        content = rng.choice([
+            json.dumps({"city": city, "temperature": temp, "unit": facts["unit"],
+                        "condition": cond}),
+            json.dumps({"temperature": temp, "conditions": cond}),
+            f"{temp}{deg}, {cond}"])
+        answer = rng.choice([f"It is {cond} in {city}, with a temperature of {temp}{deg}.",
+                             f"The weather in {city} is {cond} and {temp}{deg}.",
+                             f"Right now {city} is {cond}, {temp}{deg}."])
+        return content, answer, [str(temp), cond]
+    if kind == "clock":
+        h, m = rng.randint(0, 23), rng.randint(0, 59)
+        t = f"{h:02d}:{m:02d}"
+        content = rng.choice([json.dumps({"city": facts["city"], "time": t}),
+                              json.dumps({"time": t}), t])
+        answer = rng.choice([f"It is {t} in {facts['city']}.",
+                             f"The local time in {facts['city']} is {t}."])
+        return content, answer, [t]
+    if kind == "calculator":
+        v = facts["value"]
+        content = rng.choice([json.dumps({"result": v}), str(v)])
+        answer = rng.choice([f"{facts['expr']} = {v}.", f"The result is {v}."])
+        return content, answer, [str(v)]
+    if kind == "search":
+        snippet = f"{facts['topic'].capitalize()} is a popular topic with many articles."
+        content = json.dumps({"results": [snippet]})
+        return content, f"Here is what I found: {snippet}", [snippet]
+    price = round(rng.uniform(10, 900), 2)
+    content = json.dumps({"symbol": facts["symbol"], "price": price})
+    return content, f"{facts['symbol']} is trading at {price}.", [str(price)]
+
+
+def _toolset(rng: random.Random, kind: str | None) -> tuple[list[dict], dict, dict]:
+    """Shuffled tools (including ``kind``'s when given): (tools, info per kind, name per kind)."""
+    kinds = [k for k in MAKERS if k != kind]
+    chosen = rng.sample(kinds, rng.choice([0, 1, 1, 2]) if kind else rng.choice([1, 2, 3]))
+    if kind:
+        chosen.append(kind)
+    rng.shuffle(chosen)
+    tools, info, names = [], {}, {}
+    for k in chosen:
+        tool, info[k] = MAKERS[k](rng)
+        tools.append(tool)
+        names[k] = tool["function"]["name"]
+    return tools, info, names
+
+
+def call_text(name: str, args: dict) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+
+
+def _call_setup(rng: random.Random):
+    kind = rng.choices(list(CALL_WEIGHTS), weights=list(CALL_WEIGHTS.values()))[0]
+    tools, info, names = _toolset(rng, kind)
+    q, args, facts = _question(rng, kind, info[kind])
+    return kind, tools, names[kind], q, args, facts
+
+
+def tool_call(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+    """(messages, completion, tools, meta) of a question answered with a tool call."""
+    kind, tools, name, q, args, facts = _call_setup(rng)
+    steps = f"The user asks something that the {name} tool can answer. I call it with " \
+            f"{json.dumps(args)}."
+    return ([{"role": "user", "content": q}], call_text(name, args), tools,
+            {"tool": name, "arguments": args, "steps": steps})
+
+
+def tool_answer(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+    """(messages, completion, tools, meta) of an answer given a tool's result."""
+    kind, tools, name, q, args, facts = _call_setup(rng)
+    content, answer, mentions = _result(rng, kind, facts)
+    call = {"id": f"call_{rng.randrange(16 ** 8):08x}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+    messages = [{"role": "user", "content": q},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": content}]
+    steps = f"The {name} tool returned {content}. I answer the question with it."
+    return messages, answer, tools, {"mentions": mentions, "steps": steps}
+
+
+def tools_without_calculator(rng: random.Random) -> list[dict]:
+    """One to three tools, none of which computes arithmetic."""
+    kinds = rng.sample([k for k in MAKERS if k != "calculator"], rng.choice([1, 2, 3]))
+    return [MAKERS[k](rng)[0] for k in kinds]

@@ -1,0 +1,217 @@
+"""Train the embedded demo model: generated data -> tokenizer -> a small Qwen3 -> HF folder.
+
+    nice -n 19 python -m tokenmill.demo.train --out tokenmill/assets/demo-model
+
+Everything is seeded (data, tokenizer, initialisation, batch order), so the same command gives
+the same model up to floating-point noise. The model is transformers' ``Qwen3ForCausalLM``
+built from a config (that guarantees the Hugging Face format); the loop is plain PyTorch:
+AdamW, linear warm-up then cosine decay, gradient clipping, whole samples packed into rows, the
+loss only on assistant tokens (chat) or on all tokens (stories).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX crashes some VMs
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tokenmill.demo import data  # noqa: E402
+from tokenmill.demo import tokenizer as demo_tok  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+IGNORE = -100
+
+
+def model_config(vocab_size: int, ids: dict[str, int], args):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 128),
+        head_dim=64, intermediate_size=args.intermediate, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+        use_sliding_window=False, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"])
+
+
+def prompt_text(hf_tok, s: data.Sample) -> str:
+    """The prompt a server would render for ``s`` ("" for a story)."""
+    if s.kind == "story":
+        return ""
+    return hf_tok.apply_chat_template(s.messages, tools=s.tools, tokenize=False,
+                                      add_generation_prompt=True, enable_thinking=s.thinking)
+
+
+def encode(tok, hf_tok, samples: list[data.Sample]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per sample; prompt and completion encoded apart, as at inference."""
+    eos, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    prompts = tok.encode_batch([prompt_text(hf_tok, s) for s in samples])
+    completions = tok.encode_batch([s.completion for s in samples])
+    out = []
+    for s, p, c in zip(samples, prompts, completions):
+        tail = c.ids + [eot if s.kind == "story" else eos]
+        out.append((p.ids + tail, [IGNORE] * len(p.ids) + tail))
+    return out
+
+
+def pack(encoded, seq_len: int, pad_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole samples, in a seeded order, packed greedily into rows of ``seq_len`` tokens."""
+    order = list(range(len(encoded)))
+    random.Random(seed).shuffle(order)
+    rows_x, rows_y, x, y = [], [], [], []
+    for i in order:
+        ids, labels = encoded[i]
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        if len(x) + len(ids) > seq_len:
+            rows_x.append(x + [pad_id] * (seq_len - len(x)))
+            rows_y.append(y + [IGNORE] * (seq_len - len(y)))
+            x, y = [], []
+        x, y = x + ids, y + labels
+    if x:
+        rows_x.append(x + [pad_id] * (seq_len - len(x)))
+        rows_y.append(y + [IGNORE] * (seq_len - len(y)))
+    return torch.tensor(rows_x), torch.tensor(rows_y)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_data(args):
+    """Samples, the trained tokenizer and the packed (inputs, labels) rows."""
+    samples = data.generate(args.samples, seed=args.seed, split="train")
+    # The tokenizer learns from rendered samples: the template's markup is in its vocabulary.
+    plain = demo_tok.to_transformers(demo_tok.train_tokenizer(["x"], 300))
+    texts = [prompt_text(plain, s) + s.completion for s in samples[:args.tokenizer_samples]]
+    tok = demo_tok.train_tokenizer(texts, args.vocab_size)
+    hf_tok = demo_tok.to_transformers(tok)
+    encoded = encode(tok, hf_tok, samples)
+    x, y = pack(encoded, args.seq_len, tok.token_to_id("<|endoftext|>"), args.seed)
+    return samples, tok, texts, x, y
+
+
+def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None) -> list[float]:
+    """The loop; ``on_checkpoint(step)`` is called every ``args.save_every`` steps."""
+    from tqdm.auto import tqdm
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": other, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    steps = args.steps or math.ceil(len(x) * args.epochs / args.batch_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.cat([torch.randperm(len(x), generator=gen)
+                       for _ in range(math.ceil(steps * args.batch_size / len(x)) + 1)])
+    model.train()
+    losses, smooth = [], None
+    bar = tqdm(range(steps), desc="train", mininterval=5)
+    for step in bar:
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        xb, yb = x[idx], y[idx]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_ids=xb).logits            # [B, T, V]
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               yb[:, 1:].reshape(-1), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
+        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if on_checkpoint and args.save_every and (step + 1) % args.save_every == 0:
+            on_checkpoint(step + 1)
+            model.train()
+    return losses
+
+
+def save(model, tok, out: Path, dtype: str) -> None:
+    from transformers import GenerationConfig
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ids = {t: tok.token_to_id(t) for t in demo_tok.SPECIAL_TOKENS}
+    model = model.to(getattr(torch, dtype)).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+    model.save_pretrained(out)
+    demo_tok.save(tok, out)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=60000, help="generated training samples")
+    ap.add_argument("--tokenizer-samples", type=int, default=20000)
+    ap.add_argument("--vocab-size", type=int, default=3072, help="upper bound; BPE may stop early")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--intermediate", type=int, default=640)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8, help="rows of --seq-len tokens")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=None, help="overrides --epochs")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on some CPUs)")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save OUT.stepN every N steps (0: only the final model)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from transformers import Qwen3ForCausalLM
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    samples, tok, texts, x, y = build_data(args)
+    ids = {t: tok.token_to_id(t) for t in demo_tok.SPECIAL_TOKENS}
+    print(f"data: {len(samples)} samples, vocab {tok.get_vocab_size()}, {x.shape[0]} rows of "
+          f"{x.shape[1]} ({(y != IGNORE).sum().item()} trained tokens) in {time.time() - t0:.0f}s",
+          flush=True)
+    torch.manual_seed(args.seed)
+    config = model_config(tok.get_vocab_size(), ids, args)
+    model = Qwen3ForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+    t1 = time.time()
+    out = Path(args.out)
+
+    def on_checkpoint(step: int) -> None:
+        save(copy.deepcopy(model), tok, out.with_name(f"{out.name}.step{step}"), args.save_dtype)
+
+    losses = train(model, x, y, args, on_checkpoint)
+    save(model, tok, out, args.save_dtype)
+    n_checked = demo_tok.check_same_ids(tok, out, texts[:2000])
+    info = {"seed": args.seed, "params": n_params, "train_seconds": round(time.time() - t1),
+            "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+            "steps": len(losses), "args": vars(args), "tokenizer_checked_texts": n_checked}
+    print(json.dumps(info), flush=True)
+
+
+if __name__ == "__main__":
+    main()
