@@ -39,8 +39,8 @@ QUESTIONS = {
 }
 
 # Share of each kind in the mix (normalised by ``generate``).
-MIX = {"arithmetic": 0.35, "word_problem": 0.05, "chat": 0.12, "tool_call": 0.14,
-       "tool_answer": 0.10, "tool_no_call": 0.03, "json": 0.08, "story": 0.06,
+MIX = {"arithmetic": 0.42, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.14,
+       "tool_answer": 0.09, "tool_no_call": 0.03, "json": 0.07, "story": 0.05,
        "chat_story": 0.02}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
 HISTORY_RATE = 0.15      # chat samples with earlier turns in front

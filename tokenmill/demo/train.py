@@ -105,8 +105,10 @@ def build_data(args):
     return samples, tok, texts, x, y
 
 
-def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None) -> list[float]:
-    """The loop; ``on_checkpoint(step)`` is called every ``args.save_every`` steps."""
+def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None,
+          state: dict | None = None) -> list[float]:
+    """The loop. Every ``args.save_every`` steps ``on_checkpoint(step, optimizer, losses)`` is
+    called; ``state`` (model, optimizer, step, losses) resumes a run where it stopped."""
     from tqdm.auto import tqdm
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -118,9 +120,14 @@ def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None) -> 
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(x), generator=gen)
                        for _ in range(math.ceil(steps * args.batch_size / len(x)) + 1)])
+    losses, start = [], 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        losses, start = state["losses"], state["step"]
     model.train()
-    losses, smooth = [], None
-    bar = tqdm(range(steps), desc="train", mininterval=5)
+    smooth = sum(losses[-50:]) / len(losses[-50:]) if losses else None
+    bar = tqdm(range(start, steps), desc="train", initial=start, total=steps, mininterval=5)
     for step in bar:
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         xb, yb = x[idx], y[idx]
@@ -138,7 +145,7 @@ def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None) -> 
         smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
         if on_checkpoint and args.save_every and (step + 1) % args.save_every == 0:
-            on_checkpoint(step + 1)
+            on_checkpoint(step + 1, opt, losses)
             model.train()
     return losses
 
@@ -177,9 +184,19 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on some CPUs)")
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--save-every", type=int, default=0,
-                    help="also save OUT.stepN every N steps (0: only the final model)")
+    ap.add_argument("--save-every", type=int, default=200,
+                    help="write OUT.resume.pt (model + optimizer) every N steps (0: never)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from OUT.resume.pt if it is there (same arguments)")
+    ap.add_argument("--keep-snapshots", action="store_true",
+                    help="also save a Hugging Face folder OUT.stepN at every checkpoint")
     return ap.parse_args(argv)
+
+
+def _run_args(args) -> dict:
+    """The arguments that decide the model (a resumed run must have the same)."""
+    skip = ("resume", "keep_snapshots", "save_every", "threads")
+    return {k: v for k, v in vars(args).items() if k not in skip}
 
 
 def main(argv=None) -> None:
@@ -201,12 +218,28 @@ def main(argv=None) -> None:
     t1 = time.time()
     out = Path(args.out)
 
-    def on_checkpoint(step: int) -> None:
-        save(copy.deepcopy(model), tok, out.with_name(f"{out.name}.step{step}"), args.save_dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    resume_path = out.with_name(f"{out.name}.resume.pt")
 
-    losses = train(model, x, y, args, on_checkpoint)
+    def on_checkpoint(step: int, opt, losses: list[float]) -> None:
+        tmp = resume_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "losses": losses, "args": _run_args(args)}, tmp)
+        tmp.replace(resume_path)   # atomic: a run killed while saving keeps the last one
+        if args.keep_snapshots:
+            save(copy.deepcopy(model), tok, out.with_name(f"{out.name}.step{step}"),
+                 args.save_dtype)
+
+    state = None
+    if args.resume and resume_path.exists():
+        state = torch.load(resume_path)
+        if state["args"] != _run_args(args):
+            raise ValueError(f"{resume_path} was written with other arguments: {state['args']}")
+        print(f"resuming at step {state['step']}", flush=True)
+    losses = train(model, x, y, args, on_checkpoint, state)
     save(model, tok, out, args.save_dtype)
     n_checked = demo_tok.check_same_ids(tok, out, texts[:2000])
+    resume_path.unlink(missing_ok=True)
     info = {"seed": args.seed, "params": n_params, "train_seconds": round(time.time() - t1),
             "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
             "steps": len(losses), "args": vars(args), "tokenizer_checked_texts": n_checked}
