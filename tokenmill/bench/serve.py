@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 from tqdm.auto import tqdm
 
@@ -95,53 +96,59 @@ def _body(args, req: BenchRequest) -> tuple[str, dict]:
     return "/v1/completions", {**common, "prompt": req.prompt}
 
 
-async def send_one(client: httpx.AsyncClient, args, req: BenchRequest) -> RequestRecord:
+async def send_one(session, args, req: BenchRequest) -> RequestRecord:
     route, body = _body(args, req)
     rec = RequestRecord(send_time=time.perf_counter(), prompt_tokens=req.prompt_len)
     chunks = 0
     try:
-        async with client.stream("POST", route, json=body) as r:
-            if r.status_code != 200:
-                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(args.base_url.rstrip("/") + route, json=body) as r:
+            if r.status != 200:
+                rec.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return rec
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    rec.error = str(event["error"])[:200]
-                    return rec
-                for ch in event.get("choices") or []:
-                    text = ch.get("text") or (ch.get("delta") or {}).get("content")
-                    if text:
-                        rec.chunk_times.append(time.perf_counter())
-                        chunks += 1
-                usage = event.get("usage")
-                if usage:
-                    rec.output_tokens = usage.get("completion_tokens", 0)
-                    rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)
+            buf = b""
+            # NOTE: whole network reads, split into SSE events here: the client shares the
+            # machine with the server under test, so it must cost as little CPU as it can.
+            async for data in r.content.iter_any():
+                now = time.perf_counter()
+                buf += data
+                *events, buf = buf.split(b"\n\n")
+                for raw in events:
+                    if not raw.startswith(b"data:"):
+                        continue
+                    payload = raw[5:].strip()
+                    if payload == b"[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        rec.error = str(event["error"])[:200]
+                        return rec
+                    for ch in event.get("choices") or ():
+                        if ch.get("text") or (ch.get("delta") or {}).get("content"):
+                            rec.chunk_times.append(now)
+                            chunks += 1
+                    usage = event.get("usage")
+                    if usage:
+                        rec.output_tokens = usage.get("completion_tokens", 0)
+                        rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)
         rec.end_time = time.perf_counter()
         rec.output_tokens = rec.output_tokens or chunks
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     return rec
 
 
 # --------------------------------------------------------------------------- the run
 async def run_benchmark(args, reqs: list[BenchRequest]) -> tuple[dict, list[RequestRecord]]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rng = random.Random(args.seed + 1)
     sem = asyncio.Semaphore(args.max_concurrency or len(reqs) or 1)
     bar = tqdm(total=len(reqs), desc="bench serve", unit="req", disable=args.no_progress)
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), timeout=args.timeout,
-                                 limits=limits, headers=headers) as client:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
         async def guarded(req):
             async with sem:
-                rec = await send_one(client, args, req)
+                rec = await send_one(session, args, req)
             bar.update(1)
             return rec
 

@@ -70,7 +70,7 @@ class TokenmillRunner:
         return _rates(wl, elapsed)
 
     def warm_up(self, wl: Workload) -> None:
-        self.run(Workload(wl.prompts[:4], [4] * 4))
+        self.run(wl)
 
     def profile_decode(self, wl: Workload, batch: int = 32, steps: int = 20) -> dict:
         """Time pure-decode steps at ``batch`` and split them: model forward vs the rest."""
@@ -150,7 +150,7 @@ class TransformersRunner:
         return _rates(wl, time.perf_counter() - t0)
 
     def warm_up(self, wl: Workload) -> None:
-        self.run(Workload(wl.prompts[:4], [4] * 4))
+        self.run(wl)
 
 
 def _rates(wl: Workload, elapsed: float) -> dict:
@@ -280,12 +280,18 @@ def run_from_args(args) -> int:
         for bs in args.hf_batch_size:
             runners[f"transformers (batch {bs})"] = TransformersRunner(
                 model, args.hf_dtype or args.dtype, bs)
+    warm = make_workload(4, vocab, tuple(args.input_len), (4, 4), args.seed - 1)
     for r in runners.values():
-        r.warm_up(wl)
+        r.warm_up(warm)
+    # NOTE: fresh prompts in every run (the same for every engine within a run): repeating a
+    # run's prompts would let tokenmill's prefix cache skip their prefill.
+    wls = [wl] + [make_workload(args.num_prompts, vocab, tuple(args.input_len),
+                                tuple(args.output_len), args.seed + i)
+                  for i in range(1, args.runs)]
     runs: dict[str, list[dict]] = {name: [] for name in runners}
     for i in range(args.runs):   # alternate engines so that noise hits all alike
         for name, r in runners.items():
-            runs[name].append(r.run(wl))
+            runs[name].append(r.run(wls[i]))
             print(f"run {i + 1}/{args.runs} {name}: "
                   f"{runs[name][-1]['output_tok_s']:.1f} output tok/s", flush=True)
     report["results"] = {name: summarize(rs) for name, rs in runs.items()}

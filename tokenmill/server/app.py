@@ -7,27 +7,24 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import signal
 import time
-import uuid
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from tokenmill.config import EngineConfig, ServerConfig
 from tokenmill.engine.async_llm import AsyncLLM
-from tokenmill.server.errors import error_response, install_error_handlers
+from tokenmill.server.errors import install_error_handlers
+from tokenmill.server.gatekeeper import Gatekeeper
 from tokenmill.server.routes import misc_router, openai_router
 from tokenmill.server.serving import ServingContext
 from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.serving_completion import CompletionServer
 
 logger = logging.getLogger("tokenmill.server")
-
-OPEN_PATHS = ("/health", "/metrics", "/version")
 
 
 def build_app(engine: AsyncLLM, config: ServerConfig, model_path: str) -> FastAPI:
@@ -40,35 +37,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig, model_path: str) -> FastAP
     app.include_router(openai_router)
     app.include_router(misc_router)
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def gatekeeper(request: Request, call_next):
-        # Request id: the client's X-Request-Id, else a fresh one; echoed back either way.
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        path = request.url.path
-        if ctx.draining and path not in OPEN_PATHS:
-            response = error_response(503, "the server is shutting down", code="shutting_down")
-        elif config.api_key and path not in OPEN_PATHS and not _authorized(request, config):
-            response = error_response(401, "invalid or missing API key (send "
-                                      "'Authorization: Bearer KEY')", code="invalid_api_key")
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        return response
+    app.add_middleware(Gatekeeper, ctx=ctx, api_key=config.api_key)
 
     if config.allowed_origins:
         # Added last, so it is outermost: CORS preflights never reach the key check.
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
                            allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
     return app
-
-
-def _authorized(request: Request, config: ServerConfig) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                              config.api_key.encode())
 
 
 class _DrainingServer(uvicorn.Server):

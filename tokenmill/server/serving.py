@@ -165,6 +165,15 @@ def abort_all(submitted: list[Submitted]) -> None:
 
 async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """Interleave several async iterators, yielding (which, item) as items arrive."""
+    if len(iterators) == 1:  # the common case (n=1, one prompt): no queue, no extra task
+        it = iterators[0]
+        try:
+            async for item in it:
+                yield 0, item
+        finally:
+            if hasattr(it, "aclose"):
+                await it.aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
