@@ -33,6 +33,12 @@ def test_arithmetic_answers_and_held_out_pairs():
             assert data.held_out(m["op"], m["a"], m["b"]) == (split == "eval")
             assert s.completion.endswith(f"{m['a']} {m['op']} {m['b']} = {m['answer']}.")
     assert data.answer_line("+", 37, 48) == "37 + 48 = 85."
+    assert data.worked_answer("+", 37, 48) == \
+        "7 + 8 = 15, carry 1. 3 + 4 + 1 = 8. So 37 + 48 = 85."
+    assert data.worked_answer("-", 96, 49) == \
+        "16 - 9 = 7, borrow 1. 9 - 1 - 4 = 4. So 96 - 49 = 47."
+    assert data.worked_answer("-", 33, 68) == \
+        "68 is larger than 33, so I compute 68 - 33. 8 - 3 = 5. 6 - 3 = 3. So 33 - 68 = -35."
     assert data.thinking_steps("+", 37, 48).splitlines()[1:] == [
         "Ones: 7 + 8 = 15. Write 5, carry 1.", "Tens: 3 + 4 + 1 = 8.", "So 37 + 48 = 85."]
 
@@ -101,8 +107,20 @@ def test_shipped_model_adds_in_tokenmill():
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(model=SHIPPED, num_kv_blocks=64, show_progress=False)
-    params = SamplingParams(temperature=0, max_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=64)
     outs = llm.chat([[{"role": "user", "content": "What is 37 + 48?"}],
                      [{"role": "user", "content": "Hello!"}]], params, use_tqdm=False)
-    assert outs[0].outputs[0].text == "37 + 48 = 85."
+    assert outs[0].outputs[0].text.endswith("So 37 + 48 = 85.")
     assert "tokenmill" in outs[1].outputs[0].text
+
+
+def test_a_word_is_the_same_token_after_a_space_and_after_a_quote():
+    # What lets a tiny model copy a city from the question into a tool call's arguments.
+    texts = [s.messages[-1]["content"] + s.completion
+             for s in data.generate(400, seed=4, kinds={"tool_call": 1.0})]
+    tok = demo_tok.train_tokenizer(texts, 1000)
+    for city in ("Oslo", "Mexico City", "Buenos Aires"):
+        word = tok.encode(city).ids
+        for text in (f"What is the weather in {city}?", f'{{"city": "{city}"}}'):
+            ids = tok.encode(text).ids
+            assert any(ids[i:i + len(word)] == word for i in range(len(ids))), (city, text)

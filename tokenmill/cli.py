@@ -83,7 +83,14 @@ def _cmd_bench_svo(args) -> int:
     return run_from_args(args)
 
 
+def _cmd_bench_compare(args) -> int:
+    from tokenmill.bench.compare import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tokenmill.bench.compare import add_args as add_compare_args
     from tokenmill.bench.serve import add_serve_args
     from tokenmill.bench.server_vs_offline import add_args as add_svo_args
     from tokenmill.bench.throughput import add_throughput_args
@@ -132,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="The same workload through tokenmill serve and LLM.generate.")
     add_svo_args(p)
     p.set_defaults(func=_cmd_bench_svo)
+    p = bench.add_parser("compare", help="tokenmill's server vs llama.cpp's llama-server vs "
+                         "transformers, same checkpoint and requests, with the roofline.")
+    add_compare_args(p)
+    p.set_defaults(func=_cmd_bench_compare)
     return parser
 
 

@@ -39,8 +39,8 @@ QUESTIONS = {
 }
 
 # Share of each kind in the mix (normalised by ``generate``).
-MIX = {"arithmetic": 0.42, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.14,
-       "tool_answer": 0.09, "tool_no_call": 0.03, "json": 0.07, "story": 0.05,
+MIX = {"arithmetic": 0.42, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.17,
+       "tool_answer": 0.07, "tool_no_call": 0.02, "json": 0.06, "story": 0.05,
        "chat_story": 0.02}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
 HISTORY_RATE = 0.15      # chat samples with earlier turns in front
@@ -80,6 +80,39 @@ def operands(rng: random.Random, op: str, split: str) -> tuple[int, int]:
 
 def answer_line(op: str, a: int, b: int) -> str:
     return f"{a} {op} {b} = {OPS[op](a, b)}."
+
+
+def _worked_add(a: int, b: int) -> str:
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    return (f"{a % 10} + {b % 10} = {ones}{', carry 1' if carry else ''}. "
+            f"{a // 10} + {b // 10}{' + 1' if carry else ''} = {tens}.")
+
+
+def _worked_sub(a: int, b: int) -> str:   # a >= b
+    if a % 10 >= b % 10:
+        return f"{a % 10} - {b % 10} = {a % 10 - b % 10}. {a // 10} - {b // 10} = " \
+               f"{a // 10 - b // 10}."
+    return (f"{a % 10 + 10} - {b % 10} = {a % 10 + 10 - b % 10}, borrow 1. "
+            f"{a // 10} - 1 - {b // 10} = {a // 10 - 1 - b // 10}.")
+
+
+def worked_answer(op: str, a: int, b: int) -> str:
+    """The answer with its digit-by-digit steps in front, for + and -.
+
+    NOTE: a model this small does not learn to produce a carried or borrowed digit before the
+    digits it depends on; written out, each step is one single-digit fact about two digits it
+    can copy from the question, and held-out pairs come out right."""
+    if op == "+":
+        steps = _worked_add(a, b)
+    elif op == "-" and a >= b:
+        steps = _worked_sub(a, b)
+    elif op == "-":
+        steps = f"{b} is larger than {a}, so I compute {b} - {a}. {_worked_sub(b, a)}"
+    else:
+        return answer_line(op, a, b)
+    return f"{steps} So {answer_line(op, a, b)}"
 
 
 def _column_add(a: int, b: int) -> list[str]:
@@ -131,9 +164,9 @@ def arithmetic(rng: random.Random, split: str) -> Sample:
     op = rng.choices("+-*", weights=[0.4, 0.4, 0.2])[0]
     a, b = operands(rng, op, split)
     q = rng.choice(QUESTIONS[op]).format(a=a, b=b)
-    return Sample("arithmetic", [{"role": "user", "content": q}], answer_line(op, a, b),
+    return Sample("arithmetic", [{"role": "user", "content": q}], worked_answer(op, a, b),
                   meta={"op": op, "a": a, "b": b, "answer": OPS[op](a, b),
-                        "steps": thinking_steps(op, a, b)})
+                        "steps": thinking_steps(op, a, b), "short": answer_line(op, a, b)})
 
 
 def word_problem(rng: random.Random, split: str) -> Sample:
@@ -294,7 +327,9 @@ def _decorate(rng: random.Random, s: Sample, split: str) -> Sample:
     s.messages = system + history + s.messages
     if rng.random() < THINKING_RATE:
         s.thinking = True
-        s.completion = think(s.meta.get("steps", "I answer directly.")) + s.completion
+        # The <think> block has done the working; the answer after it is the short one.
+        s.completion = think(s.meta.get("steps", "I answer directly.")) + \
+            s.meta.get("short", s.completion)
     return s
 
 

@@ -20,8 +20,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
                  "</tool_response>"]
 
-# Qwen2's split regex: digits one by one, letters with a leading non-letter, punctuation runs.
-SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+# Qwen2's split regex (digits one by one, punctuation runs), except that a word never takes
+# the space or quote in front of it: "Oslo" is then the same token in "weather in Oslo" and
+# in {"city": "Oslo"}, and a model this small copies it (with " Oslo" vs "Oslo" it did not
+# learn to, in a 5M-token run). It costs ~25% more tokens per text.
+SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|"""
                r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 CHAT_TEMPLATE = r"""{%- if tools %}

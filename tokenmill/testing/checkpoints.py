@@ -34,6 +34,10 @@ SIZES = {
                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512),
     "mid": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=4, intermediate_size=1536, max_position_embeddings=2048),
+    # Qwen2.5-0.5B's shape, for benchmarks (`bench compare`); pass vocab_size=151936 as well.
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864,
+                         max_position_embeddings=32768),
 }
 
 _CORPUS = [
@@ -122,13 +126,44 @@ def _train_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
+@functools.lru_cache(maxsize=2)
+def _widen_tokenizer_json(vocab_size: int) -> str:
+    """The trained tokenizer, grown to ``vocab_size`` with synthetic merges (seeded), so that a
+    model with a real model's vocabulary (e.g. Qwen2.5's 151,936) decodes every id it samples
+    to some text, in tokenmill and in llama.cpp alike. Real text still tokenizes as before:
+    the new merges come after the trained ones."""
+    import json
+    import random
+
+    tok = json.loads(_train_tokenizer_json(800))
+    vocab, merges = tok["model"]["vocab"], tok["model"]["merges"]
+    as_pairs = bool(merges) and isinstance(merges[0], list)
+    specials = {t["content"] for t in tok["added_tokens"]}
+    pieces = sorted(t for t in vocab if t not in specials)
+    alphabet = [t for t in pieces if len(t) == 1]
+    rng = random.Random(0)
+    next_id = max(vocab.values()) + 1
+    while next_id < vocab_size:
+        a, b = rng.choice(pieces), rng.choice(alphabet)
+        if a + b in vocab or len(a) >= 12:
+            continue
+        vocab[a + b] = next_id
+        merges.append([a, b] if as_pairs else f"{a} {b}")
+        pieces.append(a + b)
+        next_id += 1
+    return json.dumps(tok, ensure_ascii=False)
+
+
 def make_tokenizer(vocab_size: int = 800):
-    """A ``PreTrainedTokenizerFast`` with ChatML specials and chat template."""
+    """A ``PreTrainedTokenizerFast`` with ChatML specials and chat template (trained on the
+    built-in corpus; beyond 800 tokens, grown with synthetic merges)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    text = _train_tokenizer_json(vocab_size) if vocab_size <= 800 else \
+        _widen_tokenizer_json(vocab_size)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_train_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(text),
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"])
     tok.chat_template = _CHAT_TEMPLATE
@@ -199,7 +234,7 @@ def make_checkpoint(out_dir, arch: str = "llama", *, size: str = "tiny", seed: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(config_overrides.get("vocab_size", 800))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = _hf_config(arch, size, len(tokenizer), ids, config_overrides)
     torch.manual_seed(seed)

@@ -1,0 +1,92 @@
+"""`tokenmill bench compare`: the roofline arithmetic, the report, the wide benchmark
+tokenizer, and one end-to-end run on a tiny model (tokenmill and transformers; llama-server
+needs a ~5 minute build, so that peer is skipped here and measured in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import Qwen2Config
+
+from tokenmill.bench.compare import markdown, ratios
+from tokenmill.bench.roofline import Machine, ModelCost, bounds
+
+QWEN_05B = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                       tie_word_embeddings=True)
+
+
+def test_model_cost_of_the_qwen2_5_0_5b_shape():
+    cost = ModelCost.from_config(QWEN_05B)
+    per_layer = 896 * 896 * 2 + 896 * 128 * 2 + 3 * 896 * 4864
+    assert cost.matmul_params == 24 * per_layer + 896 * 151936 == 493_961_216
+    assert cost.weight_bytes == 2 * cost.matmul_params          # tied: lm_head is the embedding
+    assert cost.attn_flops_per_ctx == 24 * 4 * 14 * 64
+
+
+def test_bounds_are_the_flops_and_bytes_over_the_rates():
+    cost = ModelCost(matmul_params=1_000_000, weight_bytes=2_000_000, attn_flops_per_ctx=0)
+    b = bounds(cost, Machine(gemm_gflops=100.0, copy_gbps=40.0), input_len=100, output_len=100)
+    # 200 tokens x 2 MFLOP = 0.4 GFLOP per request -> 4 ms at 100 GFLOP/s, for 100 outputs
+    assert b["large_batch_out_tok_s"] == pytest.approx(100 / 0.004)
+    assert b["batch1_out_tok_s"] == pytest.approx(40e9 / 2e6)
+
+
+def _report():
+    return {"concurrency": [1, 4], "machine": {"gemm_gflops": 150.0, "copy_gbps": 40.0},
+            "roofline": {"large_batch_out_tok_s": 200.0, "batch1_out_tok_s": 40.0},
+            "results": {
+                "tokenmill": {1: {"output_throughput": 30.0, "mean_ttft_ms": 100.0,
+                                  "mean_tpot_ms": 30.0},
+                              4: {"output_throughput": 100.0, "mean_ttft_ms": 200.0,
+                                  "mean_tpot_ms": 35.0}},
+                "llama-server": {1: {"output_throughput": 40.0, "mean_ttft_ms": 80.0,
+                                     "mean_tpot_ms": 25.0}},
+                "transformers": {4: {"output_throughput": 25.0}}},
+            "skipped": {"vllm": "not installed"}}
+
+
+def test_ratios_and_markdown():
+    report = _report()
+    report["ratios"] = ratios(report)
+    assert report["ratios"][1] == {"roofline_share": 0.15, "over_llama-server": 0.75}
+    assert report["ratios"][4] == {"roofline_share": 0.5, "over_transformers": 4.0}
+    table = markdown(report)
+    assert "| 1 | tokenmill | 30.0 | 100 | 30.0 |" in table
+    assert "| 4 | transformers | 25.0 | - | - |" in table
+    assert "| 1 | 0.75x | - | 15% |" in table and "| 4 | - | 4.00x | 50% |" in table
+    assert "Skipped vllm: not installed" in table
+
+
+def test_wide_tokenizer_decodes_every_id_and_keeps_real_text():
+    from tokenmill.testing.checkpoints import make_tokenizer
+
+    small, wide = make_tokenizer(), make_tokenizer(3000)
+    assert len(wide) == 3000
+    assert all(wide.decode([i]) for i in range(len(small), 3000))
+    text = "The quick brown fox jumps over the lazy dog. 12345"
+    assert wide(text).input_ids == small(text).input_ids
+
+
+@pytest.mark.timeout(300)
+def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
+    result, table, png = tmp_path / "r.json", tmp_path / "t.md", tmp_path / "p.png"
+    cmd = [sys.executable, "-m", "tokenmill.cli", "bench", "compare", "--model", tiny_llama,
+           "--dtype", "float32", "--concurrency", "1", "4", "--input-len", "16",
+           "--output-len", "8", "--shared-prefix-len", "64", "--shared-prefix-prompts", "3",
+           "--skip", "llama-server", "--work-dir", str(tmp_path / "work"),
+           "--result-file", str(result), "--markdown", str(table), "--plot", str(png)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads(result.read_text())
+    for peer in ("tokenmill", "transformers"):
+        assert set(report["results"][peer]) == {"1", "4"}
+        assert all(v["output_throughput"] > 0 for v in report["results"][peer].values())
+    for c, v in report["results"]["tokenmill"].items():
+        assert (v["failed"], v["completed"]) == (0, {"1": 4, "4": 8}[c])
+    assert report["roofline"]["large_batch_out_tok_s"] > 0
+    assert report["shared_prefix"]["on"]["completed"] == 2
+    assert "| 4 | tokenmill |" in table.read_text()

@@ -1,0 +1,271 @@
+"""`tokenmill bench compare`: tokenmill's server, llama.cpp's llama-server and transformers'
+batched ``generate`` on the same checkpoint and the same requests, in one run.
+
+For each concurrency level (default 1, 4, 16, 64) both servers get the same random prompts
+(token ids) through `bench serve`'s client, at most that many in flight; transformers runs the
+same prompts offline in static batches of that size. Then the `shared-prefix` dataset on
+tokenmill with and without prefix caching (TTFT ratio). The report (JSON, markdown table, PNG)
+puts every figure next to the roofline of `roofline.py`, measured on this machine in the same
+run. With no ``--model``, a random-weight checkpoint with Qwen2.5-0.5B's shape is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from tokenmill.bench import peers
+from tokenmill.bench.roofline import ModelCost, bounds, measure_machine
+
+QWEN_05B_VOCAB = 151936
+
+
+def _serve_args(url: str, model: str, concurrency: int | None, args) -> argparse.Namespace:
+    return argparse.Namespace(base_url=url, model=model, endpoint="completions",
+                              ignore_eos=True, api_key=None, seed=args.seed,
+                              max_concurrency=concurrency, request_rate=math.inf,
+                              timeout=1800.0, no_progress=False)
+
+
+def _dataset(args, vocab: int, n: int, seed: int, shared_prefix: bool = False):
+    from tokenmill.bench.serve import make_dataset
+
+    ns = argparse.Namespace(dataset="shared-prefix" if shared_prefix else "random",
+                            dataset_path=None, vocab_size=vocab, seed=seed, num_prompts=n,
+                            random_input_len=args.input_len, random_output_len=args.output_len,
+                            random_range_ratio=0.0, shared_prefix_len=args.shared_prefix_len,
+                            endpoint="completions")
+    return make_dataset(ns, None)
+
+
+def _prompts_at(concurrency: int, args) -> int:
+    return max(args.min_prompts, args.prompts_per_client * concurrency)
+
+
+def _summary(result: dict) -> dict:
+    keys = ("completed", "failed", "duration", "output_throughput", "mean_ttft_ms",
+            "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms")
+    return {k: result[k] for k in keys}
+
+
+def run_server_levels(peer: peers.ServerPeer, model_name: str, vocab: int, args) -> dict:
+    from tokenmill.bench.serve import run_benchmark
+
+    out = {}
+    with peer as url:
+        asyncio.run(run_benchmark(_serve_args(url, model_name, None, args),
+                                  _dataset(args, vocab, 2, args.seed - 1)))  # warm-up
+        for c in args.concurrency:
+            reqs = _dataset(args, vocab, _prompts_at(c, args), args.seed + c)
+            result, _ = asyncio.run(run_benchmark(_serve_args(url, model_name, c, args), reqs))
+            out[c] = _summary(result)
+            print(f"{peer.name} @ {c}: {result['output_throughput']:.1f} out tok/s, "
+                  f"TTFT {result['mean_ttft_ms']:.0f} ms, TPOT {result['mean_tpot_ms']:.1f} ms",
+                  flush=True)
+    return out
+
+
+def run_transformers_levels(model: str, vocab: int, args) -> dict:
+    from tokenmill.bench.throughput import TransformersRunner, Workload
+
+    out = {}
+    for c in args.concurrency:
+        reqs = _dataset(args, vocab, _prompts_at(c, args), args.seed + c)
+        wl = Workload([r.prompt for r in reqs], [r.output_len for r in reqs])
+        runner = TransformersRunner(model, args.dtype, batch_size=c)
+        runner.warm_up(Workload(wl.prompts[:1], [2]))
+        r = runner.run(wl, progress=True)
+        out[c] = {"output_throughput": r["output_tok_s"], "duration": r["elapsed_s"]}
+        print(f"transformers @ {c}: {r['output_tok_s']:.1f} out tok/s", flush=True)
+        del runner
+    return out
+
+
+def run_shared_prefix(model: str, vocab: int, args, log_dir: Path) -> dict:
+    """Mean TTFT on the shared-prefix dataset, one request at a time after a first one that
+    fills the cache, with prefix caching on and off."""
+    from tokenmill.bench.serve import run_benchmark
+
+    out = {}
+    reqs = _dataset(args, vocab, args.shared_prefix_prompts, args.seed + 7, shared_prefix=True)
+    for name, extra in (("on", ()), ("off", ("--no-enable-prefix-caching",))):
+        peer = peers.TokenmillPeer(log_dir, model, args.dtype, args.max_num_seqs, extra,
+                                   name=f"tokenmill-prefix-caching-{name}")
+        with peer as url:
+            served = _served_name(url)
+            asyncio.run(run_benchmark(_serve_args(url, served, 1, args), reqs[:1]))
+            result, _ = asyncio.run(run_benchmark(_serve_args(url, served, 1, args), reqs[1:]))
+        out[name] = _summary(result)
+    out["ttft_off_over_on"] = out["off"]["mean_ttft_ms"] / out["on"]["mean_ttft_ms"]
+    return out
+
+
+def _served_name(url: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def _default_model(tmp: Path, dtype: str) -> str:
+    from tokenmill.testing.checkpoints import make_checkpoint
+
+    return str(make_checkpoint(tmp / "qwen2.5-0.5b-shape", "qwen2", size="qwen2.5-0.5b",
+                               dtype=dtype, vocab_size=QWEN_05B_VOCAB))
+
+
+def run(args) -> dict:
+    from transformers import AutoConfig
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="tokenmill-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model or _default_model(work, args.dtype)
+    cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+    machine = measure_machine(cfg.hidden_size, cfg.intermediate_size)
+    cost = ModelCost.from_config(cfg)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or
+              "random weights, Qwen2.5-0.5B shape", "dtype": args.dtype,
+              "input_len": args.input_len, "output_len": args.output_len,
+              "concurrency": args.concurrency, "cpu_count": os.cpu_count(),
+              "machine": machine.to_dict(),
+              "roofline": bounds(cost, machine, args.input_len, args.output_len),
+              "results": {}, "skipped": {}}
+    print(json.dumps({"machine": report["machine"], "roofline": report["roofline"]}), flush=True)
+
+    vocab = cfg.vocab_size
+    peer_list = [peers.TokenmillPeer(work, model, args.dtype, args.max_num_seqs)]
+    if "llama-server" not in args.skip:
+        try:
+            src = Path(args.llama_cpp_src) if args.llama_cpp_src else peers.llama_cpp_sources()
+            binary = peers.build_llama_server(src)
+            gguf = peers.convert_to_gguf(src, model, work / f"model-{args.dtype}.gguf",
+                                         {"bfloat16": "bf16", "float32": "f32"}[args.dtype])
+            ctx = args.input_len + args.output_len + args.shared_prefix_len
+            peer_list.append(peers.LlamaServerPeer(work, binary, gguf, max(args.concurrency),
+                                                   ctx, os.cpu_count() or 2))
+        except peers.PeerUnavailable as e:
+            report["skipped"]["llama-server"] = str(e)
+            print(f"llama-server skipped: {e}", flush=True)
+    for peer in peer_list:
+        try:
+            # tokenmill serves the folder under its path; llama-server takes any name.
+            report["results"][peer.name] = run_server_levels(peer, model, vocab, args)
+        except peers.PeerUnavailable as e:
+            report["skipped"][peer.name] = str(e)
+    if "transformers" not in args.skip:
+        report["results"]["transformers"] = run_transformers_levels(model, vocab, args)
+    if "shared-prefix" not in args.skip:
+        report["shared_prefix"] = run_shared_prefix(model, vocab, args, work)
+    report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict) -> dict:
+    res, roof = report["results"], report["roofline"]
+    out = {}
+    tm = res.get("tokenmill", {})
+    for c, r in tm.items():
+        row = {"roofline_share": r["output_throughput"] / roof["large_batch_out_tok_s"]}
+        for peer in ("llama-server", "transformers"):
+            if peer in res and c in res[peer]:
+                row[f"over_{peer}"] = r["output_throughput"] / res[peer][c]["output_throughput"]
+        out[c] = row
+    return out
+
+
+def markdown(report: dict) -> str:
+    res, rat = report["results"], report["ratios"]
+    lines = ["| clients | peer | output tok/s | mean TTFT ms | mean TPOT ms |", "|---|---|---|---|---|"]
+    for c in report["concurrency"]:
+        for peer, levels in res.items():
+            r = levels.get(c)
+            if r is None:
+                continue
+            ttft = f"{r['mean_ttft_ms']:.0f}" if "mean_ttft_ms" in r else "-"
+            tpot = f"{r['mean_tpot_ms']:.1f}" if "mean_tpot_ms" in r else "-"
+            lines.append(f"| {c} | {peer} | {r['output_throughput']:.1f} | {ttft} | {tpot} |")
+    lines += ["", "| clients | tokenmill / llama-server | tokenmill / transformers | "
+              "share of the compute roofline |", "|---|---|---|---|"]
+    for c, r in rat.items():
+        ls = f"{r['over_llama-server']:.2f}x" if "over_llama-server" in r else "-"
+        tf = f"{r['over_transformers']:.2f}x" if "over_transformers" in r else "-"
+        lines.append(f"| {c} | {ls} | {tf} | {r['roofline_share'] * 100:.0f}% |")
+    roof, m = report["roofline"], report["machine"]
+    lines += ["", f"Machine: bf16 GEMM {m['gemm_gflops']:.0f} GFLOP/s, memory copy "
+              f"{m['copy_gbps']:.1f} GB/s. Bounds for this workload: "
+              f"{roof['large_batch_out_tok_s']:.0f} output tok/s at large batch (compute), "
+              f"{roof['batch1_out_tok_s']:.0f} at batch 1 (weights read once per step)."]
+    sp = report.get("shared_prefix")
+    if sp:
+        lines.append(f"Shared prefix ({report.get('shared_prefix_len', '')} tokens): mean TTFT "
+                     f"{sp['on']['mean_ttft_ms']:.0f} ms with prefix caching, "
+                     f"{sp['off']['mean_ttft_ms']:.0f} ms without "
+                     f"({sp['ttft_off_over_on']:.1f}x).")
+    for peer, why in report["skipped"].items():
+        lines.append(f"Skipped {peer}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> bool:
+    from tokenmill.bench.plot import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for peer, levels in report["results"].items():
+        cs = sorted(levels)
+        ax.plot(cs, [levels[c]["output_throughput"] for c in cs], "o-", label=peer)
+    roof = report["roofline"]["large_batch_out_tok_s"]
+    ax.axhline(roof, color="gray", ls="--", label=f"compute roofline ({roof:.0f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"{report['model']}, {report['dtype']}, "
+                 f"{report['input_len']} in / {report['output_len']} out")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="Model folder (default: random weights with Qwen2.5-0.5B's shape).")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prompts-per-client", type=int, default=2)
+    p.add_argument("--min-prompts", type=int, default=4)
+    p.add_argument("--shared-prefix-len", type=int, default=1024)
+    p.add_argument("--shared-prefix-prompts", type=int, default=9)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["llama-server", "transformers", "shared-prefix"])
+    p.add_argument("--llama-cpp-src", default=None,
+                   help="llama.cpp source tree (default: fetched from llama-cpp-python's sdist).")
+    p.add_argument("--work-dir", default=None, help="Checkpoint, GGUF and server logs go here.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-file", default=None, help="Write the JSON report here.")
+    p.add_argument("--markdown", default=None, help="Write the markdown table here.")
+    p.add_argument("--plot", default=None, help="Write a PNG here.")
+
+
+def run_from_args(args) -> int:
+    report = run(args)
+    report["shared_prefix_len"] = args.shared_prefix_len
+    table = markdown(report)
+    print(table)
+    if args.result_file:
+        Path(args.result_file).write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.plot:
+        plot(report, args.plot)
+    return 0
