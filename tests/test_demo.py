@@ -124,3 +124,29 @@ def test_a_word_is_the_same_token_after_a_space_and_after_a_quote():
         for text in (f"What is the weather in {city}?", f'{{"city": "{city}"}}'):
             ids = tok.encode(text).ids
             assert any(ids[i:i + len(word)] == word for i in range(len(ids))), (city, text)
+
+
+@needs_checkpoint
+def test_shipped_model_same_greedy_text_in_transformers_and_tokenmill():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenmill import LLM, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(SHIPPED, local_files_only=True,
+                                              dtype=torch.float32).eval()
+    chats = [[{"role": "user", "content": "What is 91 - 57?"}],
+             [{"role": "user", "content": "Who are you?"}]]
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+               for c in chats] + ["Once upon a time, there was a little fox"]
+    want = []
+    for text in prompts:
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=40, do_sample=False)
+        want.append(out[0, ids.shape[1]:].tolist())
+    llm = LLM(model=SHIPPED, num_kv_blocks=64, show_progress=False)
+    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+    # transformers stops at the first EOS id and includes it, as tokenmill does
+    assert [list(o.outputs[0].token_ids) for o in got] == want

@@ -26,6 +26,9 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+DEMO_MODEL_NAME = "tokenmill-demo"
+
+
 def default_model_path() -> str | None:
     """The embedded demo model that ships inside the package, if this build has one."""
     from pathlib import Path
@@ -47,6 +50,8 @@ def _cmd_serve(args) -> int:
     try:
         engine_config = engine_config_from_args(args, model=model)
         server_config = config_from_args(ServerConfig, args)
+        if args.model_tag is None and not server_config.served_model_name:
+            server_config.served_model_name = [DEMO_MODEL_NAME]
         return run_server(engine_config, server_config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)

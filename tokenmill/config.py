@@ -133,7 +133,8 @@ class ServerConfig:
     api_key: str | None = _f(None, "Require 'Authorization: Bearer KEY' on /v1 routes "
                              "(also read from TOKENMILL_API_KEY).")
     served_model_name: list[str] | None = _f(
-        None, "Model name(s) clients use; the first is reported (default: the model path).",
+        None, "Model name(s) clients use; the first is reported (default: the model path; "
+        "tokenmill-demo for the embedded demo model).",
         nargs="+")
     chat_template: str | None = _f(None, "Chat template (a file or the template itself), "
                                    "replacing the tokenizer's.")
