@@ -23,20 +23,25 @@ def test_model_cost_of_the_qwen2_5_0_5b_shape():
     cost = ModelCost.from_config(QWEN_05B)
     per_layer = 896 * 896 * 2 + 896 * 128 * 2 + 3 * 896 * 4864
     assert cost.matmul_params == 24 * per_layer + 896 * 151936 == 493_961_216
+    assert cost.head_params == 896 * 151936
     assert cost.weight_bytes == 2 * cost.matmul_params          # tied: lm_head is the embedding
     assert cost.attn_flops_per_ctx == 24 * 4 * 14 * 64
 
 
 def test_bounds_are_the_flops_and_bytes_over_the_rates():
-    cost = ModelCost(matmul_params=1_000_000, weight_bytes=2_000_000, attn_flops_per_ctx=0)
+    cost = ModelCost(matmul_params=1_000_000, head_params=250_000, weight_bytes=2_000_000,
+                     attn_flops_per_ctx=0)
     b = bounds(cost, Machine(gemm_gflops=100.0, copy_gbps=40.0), input_len=100, output_len=100)
-    # 200 tokens x 2 MFLOP = 0.4 GFLOP per request -> 4 ms at 100 GFLOP/s, for 100 outputs
-    assert b["large_batch_out_tok_s"] == pytest.approx(100 / 0.004)
+    # 100 prompt tokens x 1.5 MFLOP (no lm_head) + 100 outputs x 2 MFLOP = 0.35 GFLOP per
+    # request -> 3.5 ms at 100 GFLOP/s, for 100 outputs
+    assert b["large_batch_out_tok_s"] == pytest.approx(100 / 0.0035)
     assert b["batch1_out_tok_s"] == pytest.approx(40e9 / 2e6)
 
 
 def _report():
-    return {"concurrency": [1, 4], "machine": {"gemm_gflops": 150.0, "copy_gbps": 40.0},
+    return {"concurrency": [1, 4], "machine": {"gemm_gflops": 150.0, "copy_gbps": 40.0,
+                                               "bf16_gemm_gflops": 150.0,
+                                               "fp32_gemm_gflops": 120.0},
             "roofline": {"large_batch_out_tok_s": 200.0, "batch1_out_tok_s": 40.0},
             "results": {
                 "tokenmill": {1: {"output_throughput": 30.0, "mean_ttft_ms": 100.0,

@@ -33,12 +33,14 @@ def _serve_args(url: str, model: str, concurrency: int | None, args) -> argparse
                               timeout=1800.0, no_progress=False)
 
 
-def _dataset(args, vocab: int, n: int, seed: int, shared_prefix: bool = False):
+def _dataset(args, vocab: int, n: int, seed: int, shared_prefix: bool = False,
+             output_len: int | None = None):
     from tokenmill.bench.serve import make_dataset
 
     ns = argparse.Namespace(dataset="shared-prefix" if shared_prefix else "random",
                             dataset_path=None, vocab_size=vocab, seed=seed, num_prompts=n,
-                            random_input_len=args.input_len, random_output_len=args.output_len,
+                            random_input_len=args.input_len,
+                            random_output_len=output_len or args.output_len,
                             random_range_ratio=0.0, shared_prefix_len=args.shared_prefix_len,
                             endpoint="completions")
     return make_dataset(ns, None)
@@ -89,11 +91,12 @@ def run_transformers_levels(model: str, vocab: int, args) -> dict:
 
 def run_shared_prefix(model: str, vocab: int, args, log_dir: Path) -> dict:
     """Mean TTFT on the shared-prefix dataset, one request at a time after a first one that
-    fills the cache, with prefix caching on and off."""
+    fills the cache, with prefix caching on and off (16 output tokens: TTFT is the point)."""
     from tokenmill.bench.serve import run_benchmark
 
     out = {}
-    reqs = _dataset(args, vocab, args.shared_prefix_prompts, args.seed + 7, shared_prefix=True)
+    reqs = _dataset(args, vocab, args.shared_prefix_prompts, args.seed + 7, shared_prefix=True,
+                    output_len=16)
     for name, extra in (("on", ()), ("off", ("--no-enable-prefix-caching",))):
         peer = peers.TokenmillPeer(log_dir, model, args.dtype, args.max_num_seqs, extra,
                                    name=f"tokenmill-prefix-caching-{name}")
@@ -115,6 +118,8 @@ def _served_name(url: str) -> str:
 def _default_model(tmp: Path, dtype: str) -> str:
     from tokenmill.testing.checkpoints import make_checkpoint
 
+    if (tmp / "qwen2.5-0.5b-shape" / "config.json").exists():   # a --work-dir made earlier
+        return str(tmp / "qwen2.5-0.5b-shape")
     return str(make_checkpoint(tmp / "qwen2.5-0.5b-shape", "qwen2", size="qwen2.5-0.5b",
                                dtype=dtype, vocab_size=QWEN_05B_VOCAB))
 
@@ -196,7 +201,8 @@ def markdown(report: dict) -> str:
         tf = f"{r['over_transformers']:.2f}x" if "over_transformers" in r else "-"
         lines.append(f"| {c} | {ls} | {tf} | {r['roofline_share'] * 100:.0f}% |")
     roof, m = report["roofline"], report["machine"]
-    lines += ["", f"Machine: bf16 GEMM {m['gemm_gflops']:.0f} GFLOP/s, memory copy "
+    lines += ["", f"Machine: GEMM {m['bf16_gemm_gflops']:.0f} GFLOP/s in bf16, "
+              f"{m['fp32_gemm_gflops']:.0f} in float32; memory copy "
               f"{m['copy_gbps']:.1f} GB/s. Bounds for this workload: "
               f"{roof['large_batch_out_tok_s']:.0f} output tok/s at large batch (compute), "
               f"{roof['batch1_out_tok_s']:.0f} at batch 1 (weights read once per step)."]

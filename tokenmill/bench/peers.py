@@ -163,12 +163,17 @@ def build_llama_server(src: Path, build_dir: Path | None = None) -> Path:
 
 
 # NOTE: the converter only accepts BPE tokenizers whose pre-tokenizer it knows by a hash of
-# their output; ours are unknown to it, and they split like Qwen2's, so we name that one.
+# their output; ours are unknown to it, and they split like Qwen2's, so we name that one. It
+# also tries a SentencePiece vocabulary first and only falls back to BPE on FileNotFoundError,
+# which an uninstalled sentencepiece does not raise.
 _CONVERT = """
 import runpy, sys
 src = sys.argv.pop(1)
 sys.path[:0] = [src, src + "/gguf-py"]
 from conversion.base import TextModel
+def no_sentencepiece(self, *args, **kwargs):
+    raise FileNotFoundError("no SentencePiece model: a byte-level BPE tokenizer")
+TextModel._set_vocab_sentencepiece = no_sentencepiece
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
 sys.argv[0] = src + "/convert_hf_to_gguf.py"
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,10 +1,11 @@
 """What this machine can do, and the bound that puts on a serving workload.
 
-Two measured rates: the dense bf16 GEMM rate (GFLOP/s, on matmuls of the model's own shapes)
-and the memory copy bandwidth (GB/s). Two bounds on output tokens/s:
+Two measured rates: the dense GEMM rate (GFLOP/s, on a matmul of the model's own MLP shape, in
+bf16 and in float32; the faster one bounds compute, as the engine may use either) and the
+memory copy bandwidth (GB/s). Two bounds on output tokens/s:
 
 * large batch (compute bound): every prompt and output token costs ``2 * matmul params`` FLOPs
-  plus attention over its context; the workload's FLOPs at the GEMM rate give a time, and its
+  (the lm_head only for output tokens) plus attention over its context; the workload's FLOPs at the GEMM rate give a time, and its
   output tokens over that time are the bound;
 * batch 1 (bandwidth bound): each decode step reads every weight once.
 """
@@ -17,8 +18,10 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class Machine:
-    gemm_gflops: float      # bf16, the model's MLP shape at 512 rows
+    gemm_gflops: float      # the faster of the two below: the compute bound
     copy_gbps: float        # bytes read + written per second by a large tensor copy
+    bf16_gemm_gflops: float = 0.0   # the model's MLP shape at 512 rows, bf16 weights
+    fp32_gemm_gflops: float = 0.0   # the same in float32 (faster on CPUs without AMX)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,19 +41,29 @@ def measure_machine(hidden: int, intermediate: int, rows: int = 512,
                     repeats: int = 5) -> Machine:
     import torch
 
-    a = torch.randn(rows, hidden, dtype=torch.bfloat16)
-    w = torch.randn(intermediate, hidden, dtype=torch.bfloat16)
-    t = _best_of(lambda: torch.nn.functional.linear(a, w), repeats)
-    gemm = 2 * rows * hidden * intermediate / t / 1e9
+    flops = 2 * rows * hidden * intermediate
+    rates = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(rows, hidden, dtype=dtype)
+        w = torch.randn(intermediate, hidden, dtype=dtype)
+        w_t = w.t().contiguous()
+        # each dtype in its faster weight layout ([out, in] for oneDNN's bf16, [in, out] for
+        # MKL's fp32, as the engine keeps them)
+        rates[dtype] = flops / min(
+            _best_of(lambda: torch.nn.functional.linear(a, w), repeats),
+            _best_of(lambda: torch.mm(a, w_t), repeats)) / 1e9
     src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     t = _best_of(lambda: dst.copy_(src), repeats)
-    return Machine(gemm_gflops=gemm, copy_gbps=2 * src.numel() / t / 1e9)
+    return Machine(gemm_gflops=max(rates.values()), copy_gbps=2 * src.numel() / t / 1e9,
+                   bf16_gemm_gflops=rates[torch.bfloat16],
+                   fp32_gemm_gflops=rates[torch.float32])
 
 
 @dataclass
 class ModelCost:
     matmul_params: int      # every weight a token multiplies by (lm_head included)
+    head_params: int        # the lm_head's share (prompt tokens but the last skip it)
     weight_bytes: int       # what one decode step reads (bf16)
     attn_flops_per_ctx: int  # attention FLOPs per token per token of context
 
@@ -62,8 +75,8 @@ class ModelCost:
         per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * cfg.intermediate_size
         matmul = layers * per_layer + h * cfg.vocab_size
         embed = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
-        return cls(matmul_params=matmul, weight_bytes=2 * (matmul + embed),
-                   attn_flops_per_ctx=layers * 4 * heads * hd)
+        return cls(matmul_params=matmul, head_params=h * cfg.vocab_size,
+                   weight_bytes=2 * (matmul + embed), attn_flops_per_ctx=layers * 4 * heads * hd)
 
 
 def bounds(cost: ModelCost, machine: Machine, input_len: int, output_len: int) -> dict:
@@ -71,7 +84,10 @@ def bounds(cost: ModelCost, machine: Machine, input_len: int, output_len: int) -
     tokens (attention counted at each token's mean context)."""
     tokens = input_len + output_len
     mean_ctx = tokens / 2
-    flops = tokens * (2 * cost.matmul_params + cost.attn_flops_per_ctx * mean_ctx)
+    # Only sampled positions need logits: the lm_head runs for the outputs, not the prompt.
+    flops = (tokens * (2 * (cost.matmul_params - cost.head_params)
+                       + cost.attn_flops_per_ctx * mean_ctx)
+             + output_len * 2 * cost.head_params)
     large_batch = output_len / (flops / (machine.gemm_gflops * 1e9))
     batch1 = machine.copy_gbps * 1e9 / cost.weight_bytes
     return {"large_batch_out_tok_s": large_batch, "batch1_out_tok_s": batch1,
