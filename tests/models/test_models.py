@@ -193,10 +193,10 @@ def test_sharded_checkpoint_loads_and_matches(ckpt):
                  hf_logits(path, tuple(ids)))
 
 
-@pytest.mark.parametrize("fp32_gemm", [False, True], ids=["bf16-gemm", "fp32-gemm"])
-def test_bf16_matches_hf_bf16(ckpt, fp32_gemm):
-    """bfloat16 rounds where HF's bfloat16 model rounds, also when the matmuls run on float32
-    weight copies (the CPU fast path): chunked prefill then decode through the cache."""
+@pytest.mark.parametrize("fp32_min_rows", [0, 1, 8], ids=["plain", "fp32-gemm", "packed-bf16"])
+def test_bf16_matches_hf_bf16(ckpt, fp32_min_rows):
+    """bfloat16 rounds where HF's bfloat16 model rounds, also on the CPU fast paths (fp32 GEMMs
+    on weight copies, packed bf16 weights): chunked prefill then decode through the cache."""
     from transformers import AutoModelForCausalLM
 
     path = ckpt("qwen3", dtype="bfloat16")
@@ -206,8 +206,8 @@ def test_bf16_matches_hf_bf16(ckpt, fp32_gemm):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     model = load_model(path, load_hf_config(path), "bfloat16", "cpu", progress=False)
-    if fp32_gemm:
-        model.use_fp32_gemm(1)
+    if fp32_min_rows:
+        model.use_cpu_gemm(fp32_min_rows)
     caches = kv_spec(model).allocate(model.num_layers, torch.bfloat16, "cpu")
     blocks = [7, 3, 11, 0, 5, 9]
     out = torch.cat([
@@ -218,13 +218,14 @@ def test_bf16_matches_hf_bf16(ckpt, fp32_gemm):
     torch.testing.assert_close(out, ref, atol=1 / 8, rtol=0)
 
 
-def test_fp32_gemm_linear():
+def test_cpu_gemm_linear():
     lin = Linear(64, 48, bias=True).to(torch.bfloat16)
     x = torch.randn(40, 64).to(torch.bfloat16)
     with torch.no_grad():
-        lin.use_fp32_gemm(min_rows=32)
+        lin.use_cpu_gemm(fp32_min_rows=32)
         small, big = lin(x[:8]), lin(x)
-        assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))   # bf16 below the bar
+        # Below the bar: packed bf16 weights, same kernel family as F.linear, same bits.
+        assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))
         assert big.dtype == torch.bfloat16
         torch.testing.assert_close(big, F.linear(x, lin.weight, lin.bias))
 

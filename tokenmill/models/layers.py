@@ -119,33 +119,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can run its matmuls on float32 copies of its bfloat16 weights.
+    """``nn.Linear`` with CPU fast paths for bfloat16 weights (``use_cpu_gemm`` turns them on).
 
-    On CPUs without usable AMX, MKL's fp32 GEMM on a ``[in, out]`` weight beats oneDNN's bf16
-    GEMM from a few dozen rows on (1.3-2x; BENCHMARKS.md); for fewer rows, reading half the
-    bytes keeps bf16 as fast. The result is the same bf16 GEMM up to summation order: bf16 x bf16
-    products are exact in fp32, both accumulate in fp32 and round to bf16 once.
-    ``use_fp32_gemm`` turns it on (the runner decides).
+    Without usable AMX, oneDNN's bf16 GEMM on ``nn.Linear``'s plain ``[out, in]`` weight repacks
+    the weight on every call. So (BENCHMARKS.md):
+
+    * from ``fp32_min_rows`` rows on, MKL's fp32 GEMM on an ``[in, out]`` float32 copy: 1.3-2x
+      faster. Same result up to summation order: bf16 x bf16 products are exact in fp32, both
+      accumulate in fp32 and round to bf16 once;
+    * below, oneDNN on a weight packed once in its blocked layout (bit-identical to
+      ``F.linear``, 10-25% faster): few rows are bound by reading the weight, so bf16 stays.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.fp32_min_rows = 0   # 0: always the weights' own dtype
+        self.fp32_min_rows = 0   # 0: plain F.linear
+        self.weight_packed = None
 
-    def use_fp32_gemm(self, min_rows: int) -> None:
-        """From ``min_rows`` input rows on, compute in float32 (keeps fp32 weight copies)."""
-        self.fp32_min_rows = min_rows
-        # NOTE: [in, out] contiguous: MKL's sgemm on this layout was 1.3-2x faster than on
-        # nn.Linear's [out, in] for small batches (BENCHMARKS.md).
-        self.weight_t_fp32 = self.weight.detach().float().t().contiguous()
+    def use_cpu_gemm(self, fp32_min_rows: int) -> None:
+        """Keep a float32 ``[in, out]`` copy and a oneDNN-packed copy of the weight."""
+        self.fp32_min_rows = fp32_min_rows
+        weight = self.weight.detach()
+        self.weight_t_fp32 = weight.float().t().contiguous()
         self.bias_fp32 = None if self.bias is None else self.bias.detach().float()
+        if torch.backends.mkldnn.is_available():
+            # The batch-size hint only tunes the packing; any number of rows works.
+            self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: [T, in]
-        if self.fp32_min_rows and x.shape[0] >= self.fp32_min_rows:
+        if not self.fp32_min_rows:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] >= self.fp32_min_rows:
             x32 = x.float()
             if self.bias_fp32 is None:
                 return torch.mm(x32, self.weight_t_fp32).to(x.dtype)
             return torch.addmm(self.bias_fp32, x32, self.weight_t_fp32).to(x.dtype)
+        if self.weight_packed is not None:
+            bias = None if self.bias is None else self.bias.detach()
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 

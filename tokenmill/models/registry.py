@@ -91,19 +91,18 @@ class CausalLM(nn.Module):
         """[N, hidden] -> float32 logits [N, vocab] (matmul in the model dtype, as HF)."""
         return self.lm_head(hidden).float()
 
-    def use_fp32_gemm(self, min_rows: int) -> int:
-        """Run matmuls of ``min_rows`` rows or more on float32 weight copies (see
-        ``layers.Linear``); returns the bytes the copies take."""
-        extra = 0
+    def use_cpu_gemm(self, fp32_min_rows: int) -> int:
+        """Switch every Linear to the CPU bf16 fast paths (see ``layers.Linear``): fp32 GEMMs
+        from ``fp32_min_rows`` rows on. Returns the bytes the extra weight copies take."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.use_fp32_gemm(min_rows)
-                extra += module.weight.numel() * 4
-        return extra
+                module.use_cpu_gemm(fp32_min_rows)
+        return self.cpu_gemm_bytes()
 
-    def fp32_gemm_bytes(self) -> int:
-        """Bytes ``use_fp32_gemm`` would add."""
-        return sum(m.weight.numel() * 4 for m in self.modules() if isinstance(m, Linear))
+    def cpu_gemm_bytes(self) -> int:
+        """Bytes ``use_cpu_gemm`` adds: a float32 and a packed bf16 copy of each weight."""
+        return sum(m.weight.numel() * (4 + m.weight.element_size())
+                   for m in self.modules() if isinstance(m, Linear))
 
     # -----------------------------------------------------------------------------------------
     # Loading

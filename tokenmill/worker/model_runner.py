@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_MEMORY = 2 * GiB
 GPU_MEMORY_FRACTION = 0.9
 # bf16 on CPU: matmuls of this many rows or more run on float32 weight copies (MKL's fp32 GEMM
-# beats oneDNN's bf16 one there without AMX; below it, bf16's half-size weights win), when the
-# copies take at most CPU_FP32_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
+# beats oneDNN's bf16 one there without AMX), fewer rows on oneDNN-packed bf16 weights; when the
+# extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
 CPU_FP32_GEMM_MIN_ROWS = 32
-CPU_FP32_GEMM_MAX_BYTES = 4 * GiB
+CPU_GEMM_MAX_BYTES = 6 * GiB
 
 
 class ModelRunner:
@@ -37,10 +37,10 @@ class ModelRunner:
         self.dtype = resolve_dtype(mc.dtype, self.hf_config)
         self.model = load_model(mc.model, self.hf_config, self.dtype, self.device, progress=progress)
         if (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                and self.model.fp32_gemm_bytes() <= CPU_FP32_GEMM_MAX_BYTES):
-            extra = self.model.use_fp32_gemm(CPU_FP32_GEMM_MIN_ROWS)
-            logger.info("bf16 on CPU: matmuls of >= %d rows use fp32 weight copies (%.2f GiB)",
-                        CPU_FP32_GEMM_MIN_ROWS, extra / GiB)
+                and self.model.cpu_gemm_bytes() <= CPU_GEMM_MAX_BYTES):
+            extra = self.model.use_cpu_gemm(CPU_FP32_GEMM_MIN_ROWS)
+            logger.info("bf16 on CPU: fp32 matmuls from %d rows, packed bf16 below "
+                        "(weight copies: %.2f GiB)", CPU_FP32_GEMM_MIN_ROWS, extra / GiB)
         self.block_size = config.cache.block_size
         self.sliding_window = getattr(self.model, "sliding_window", None)
         self.num_blocks = self._decide_num_blocks(config)
