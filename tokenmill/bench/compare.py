@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import tempfile
 import time
@@ -24,13 +23,7 @@ from tokenmill.bench import peers
 from tokenmill.bench.roofline import ModelCost, bounds, measure_machine
 
 QWEN_05B_VOCAB = 151936
-
-
-def _serve_args(url: str, model: str, concurrency: int | None, args) -> argparse.Namespace:
-    return argparse.Namespace(base_url=url, model=model, endpoint="completions",
-                              ignore_eos=True, api_key=None, seed=args.seed,
-                              max_concurrency=concurrency, request_rate=math.inf,
-                              timeout=1800.0, no_progress=False)
+CLIENT_TIMEOUT_S = 1800.0   # one request of a 64-client level can queue for minutes
 
 
 def _dataset(args, vocab: int, n: int, seed: int, shared_prefix: bool = False,
@@ -57,15 +50,18 @@ def _summary(result: dict) -> dict:
 
 
 def run_server_levels(peer: peers.ServerPeer, model_name: str, vocab: int, args) -> dict:
-    from tokenmill.bench.serve import run_benchmark
+    from tokenmill.bench.serve import client_args, run_benchmark
 
     out = {}
     with peer as url:
-        asyncio.run(run_benchmark(_serve_args(url, model_name, None, args),
+        asyncio.run(run_benchmark(client_args(url, model_name, seed=args.seed,
+                                              timeout=CLIENT_TIMEOUT_S),
                                   _dataset(args, vocab, 2, args.seed - 1)))  # warm-up
         for c in args.concurrency:
             reqs = _dataset(args, vocab, _prompts_at(c, args), args.seed + c)
-            result, _ = asyncio.run(run_benchmark(_serve_args(url, model_name, c, args), reqs))
+            result, _ = asyncio.run(run_benchmark(
+                client_args(url, model_name, seed=args.seed, max_concurrency=c,
+                            timeout=CLIENT_TIMEOUT_S), reqs))
             out[c] = _summary(result)
             print(f"{peer.name} @ {c}: {result['output_throughput']:.1f} out tok/s, "
                   f"TTFT {result['mean_ttft_ms']:.0f} ms, TPOT {result['mean_tpot_ms']:.1f} ms",
@@ -77,42 +73,43 @@ def run_transformers_levels(model: str, vocab: int, args) -> dict:
     from tokenmill.bench.throughput import TransformersRunner, Workload
 
     out = {}
+    runner = None
     for c in args.concurrency:
         reqs = _dataset(args, vocab, _prompts_at(c, args), args.seed + c)
         wl = Workload([r.prompt for r in reqs], [r.output_len for r in reqs])
-        runner = TransformersRunner(model, args.dtype, batch_size=c)
+        if runner is None:   # loaded once; only the static batch size changes per level
+            runner = TransformersRunner(model, args.dtype, batch_size=c)
+        runner.batch_size = c
         runner.warm_up(Workload(wl.prompts[:1], [2]))
         r = runner.run(wl, progress=True)
         out[c] = {"output_throughput": r["output_tok_s"], "duration": r["elapsed_s"]}
         print(f"transformers @ {c}: {r['output_tok_s']:.1f} out tok/s", flush=True)
-        del runner
     return out
 
 
 def run_shared_prefix(model: str, vocab: int, args, log_dir: Path) -> dict:
     """Mean TTFT on the shared-prefix dataset, one request at a time after a first one that
     fills the cache, with prefix caching on and off (16 output tokens: TTFT is the point)."""
-    from tokenmill.bench.serve import run_benchmark
+    from tokenmill.bench.serve import client_args, run_benchmark
 
     out = {}
     reqs = _dataset(args, vocab, args.shared_prefix_prompts, args.seed + 7, shared_prefix=True,
                     output_len=16)
     for name, extra in (("on", ()), ("off", ("--no-enable-prefix-caching",))):
-        peer = peers.TokenmillPeer(log_dir, model, args.dtype, args.max_num_seqs, extra,
+        peer = peers.TokenmillPeer(log_dir, model, _tokenmill_flags(args) + extra,
                                    name=f"tokenmill-prefix-caching-{name}")
         with peer as url:
-            served = _served_name(url)
-            asyncio.run(run_benchmark(_serve_args(url, served, 1, args), reqs[:1]))
-            result, _ = asyncio.run(run_benchmark(_serve_args(url, served, 1, args), reqs[1:]))
+            one_at_a_time = client_args(url, model, seed=args.seed, max_concurrency=1,
+                                        timeout=CLIENT_TIMEOUT_S)
+            asyncio.run(run_benchmark(one_at_a_time, reqs[:1]))
+            result, _ = asyncio.run(run_benchmark(one_at_a_time, reqs[1:]))
         out[name] = _summary(result)
     out["ttft_off_over_on"] = out["off"]["mean_ttft_ms"] / out["on"]["mean_ttft_ms"]
     return out
 
 
-def _served_name(url: str) -> str:
-    import httpx
-
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+def _tokenmill_flags(args) -> tuple[str, ...]:
+    return ("--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs))
 
 
 def _default_model(tmp: Path, dtype: str) -> str:
@@ -143,7 +140,7 @@ def run(args) -> dict:
     print(json.dumps({"machine": report["machine"], "roofline": report["roofline"]}), flush=True)
 
     vocab = cfg.vocab_size
-    peer_list = [peers.TokenmillPeer(work, model, args.dtype, args.max_num_seqs)]
+    peer_list = [peers.TokenmillPeer(work, model, _tokenmill_flags(args))]
     if "llama-server" not in args.skip:
         try:
             src = Path(args.llama_cpp_src) if args.llama_cpp_src else peers.llama_cpp_sources()

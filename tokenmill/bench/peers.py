@@ -81,22 +81,24 @@ class ServerPeer:
 
 
 class TokenmillPeer(ServerPeer):
+    """``tokenmill serve MODEL FLAGS...`` (no MODEL: the embedded demo model)."""
+
     name = "tokenmill"
 
-    def __init__(self, log_dir: Path, model: str, dtype: str, max_num_seqs: int,
-                 extra_args: tuple[str, ...] = (), name: str | None = None):
+    def __init__(self, log_dir: Path, model: str | None, flags: tuple[str, ...] = (),
+                 name: str | None = None):
         self.name = name or self.name
         super().__init__(log_dir)
-        self.model, self.dtype, self.max_num_seqs = model, dtype, max_num_seqs
-        self.extra_args = extra_args
+        self.model, self.flags = model, flags
 
     def command(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "tokenmill.cli", "serve", self.model, "--host",
-                "127.0.0.1", "--port", str(port), "--dtype", self.dtype, "--max-num-seqs",
-                str(self.max_num_seqs), "--disable-log-requests", *self.extra_args]
+        return [sys.executable, "-m", "tokenmill.cli", "serve",
+                *([self.model] if self.model else []), "--host", "127.0.0.1", "--port",
+                str(port), "--disable-log-requests", *self.flags]
 
     def env(self) -> dict:
-        return {**os.environ, "TOKENMILL_CHECK_INVARIANTS": "0"}
+        return {**os.environ, "TOKENMILL_CHECK_INVARIANTS": "0", "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false"}
 
 
 class LlamaServerPeer(ServerPeer):

@@ -207,6 +207,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def served_model(base_url: str, api_key: str | None = None) -> str:
+    """The first model name a server lists at /v1/models."""
+    r = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30,
+                  headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    return r.json()["data"][0]["id"]
+
+
+def client_args(base_url: str, model: str, *, seed: int = 0, max_concurrency: int | None = None,
+                timeout: float = 600.0) -> argparse.Namespace:
+    """What ``run_benchmark`` reads from the command line, for callers in Python: streamed
+    completions of token-id prompts, ``ignore_eos``, all requests at once (at most
+    ``max_concurrency`` in flight)."""
+    return argparse.Namespace(base_url=base_url, model=model, endpoint="completions",
+                              ignore_eos=True, api_key=None, seed=seed,
+                              max_concurrency=max_concurrency, request_rate=math.inf,
+                              timeout=timeout, no_progress=False)
+
+
 def run_from_args(args) -> int:
     tokenizer = None
     if args.tokenizer:
@@ -214,10 +232,7 @@ def run_from_args(args) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     if args.model is None:
-        r = httpx.get(args.base_url.rstrip("/") + "/v1/models", timeout=30,
-                      headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key
-                      else {})
-        args.model = r.json()["data"][0]["id"]
+        args.model = served_model(args.base_url, args.api_key)
     reqs = make_dataset(args, tokenizer)
     result, records = asyncio.run(run_benchmark(args, reqs))
     result.update({"base_url": args.base_url, "model": args.model, "endpoint": args.endpoint,

@@ -6,18 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
-
-import httpx
-
 
 SERVER_KEYS = ("duration", "completed", "failed", "output_throughput", "mean_ttft_ms",
                "mean_tpot_ms", "total_output_tokens")
@@ -29,80 +22,45 @@ def _requests(wl):
     return [BenchRequest(p, len(p), o) for p, o in zip(wl.prompts, wl.output_lens)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not become healthy")
-
-
 def run(args) -> dict:
-    from tokenmill.bench.serve import run_benchmark
-    from tokenmill.bench.throughput import TokenmillRunner, make_workload
+    from tokenmill.bench.peers import TokenmillPeer
+    from tokenmill.bench.serve import client_args, run_benchmark
+    from tokenmill.bench.throughput import TokenmillRunner, fresh_workloads
 
-    model, tmp = args.model, None
+    tmp = tempfile.TemporaryDirectory()
+    model = args.model
     if model is None:
         from tokenmill.testing.checkpoints import make_checkpoint
 
-        tmp = tempfile.TemporaryDirectory()
         model = str(make_checkpoint(Path(tmp.name) / "mid", "llama", size="mid",
                                     dtype=args.dtype))
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model, local_files_only=True).vocab_size
-    wl = make_workload(args.num_prompts, vocab, tuple(args.input_len), tuple(args.output_len),
-                       args.seed)
+    warm, wls = fresh_workloads(args.num_prompts, vocab, tuple(args.input_len),
+                                tuple(args.output_len), args.seed, args.runs)
     report = {"command": "tokenmill bench server-vs-offline " + " ".join(sys.argv[3:]),
               "model": args.model or "random mid llama", "dtype": args.dtype,
-              "num_prompts": args.num_prompts, "output_tokens": wl.num_output_tokens,
+              "num_prompts": args.num_prompts, "output_tokens": wls[0].num_output_tokens,
               "date": time.strftime("%Y-%m-%d")}
-    # NOTE: fresh prompts in every run (the same for both paths within a run): repeated prompts
-    # would be served from the prefix cache.
-    wls = [wl] + [make_workload(args.num_prompts, vocab, tuple(args.input_len),
-                                tuple(args.output_len), args.seed + i)
-                  for i in range(1, args.runs)]
-    warm = make_workload(4, vocab, tuple(args.input_len), (4, 4), args.seed - 1)
     offline = TokenmillRunner(model, args.dtype, max_num_seqs=args.max_num_seqs)
     offline.warm_up(warm)
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tokenmill.cli", "serve", model, "--port", str(port),
-           "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-           "--disable-log-requests"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TOKENMILL_CHECK_INVARIANTS": "0"})
     offline_runs, server_runs = [], []
+    server = TokenmillPeer(Path(tmp.name), model,
+                           ("--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)))
     try:
-        _wait_healthy(url, proc)
-        bench_args = argparse.Namespace(
-            base_url=url, model=httpx.get(f"{url}/v1/models").json()["data"][0]["id"],
-            endpoint="completions", ignore_eos=True, api_key=None, seed=args.seed,
-            max_concurrency=None, request_rate=math.inf, timeout=600.0, no_progress=False)
-        asyncio.run(run_benchmark(bench_args, _requests(warm)))
-        # NOTE: alternate the two paths so that a noisy neighbour hits both alike.
-        for w in wls:
-            offline_runs.append(offline.run(w, progress=True))
-            result, _ = asyncio.run(run_benchmark(bench_args, _requests(w)))
-            server_runs.append({k: result[k] for k in SERVER_KEYS})
+        with server as url:
+            # tokenmill serves the folder under its path
+            bench_args = client_args(url, model, seed=args.seed)
+            asyncio.run(run_benchmark(bench_args, _requests(warm)))
+            # NOTE: alternate the two paths so that a noisy neighbour hits both alike.
+            for w in wls:
+                offline_runs.append(offline.run(w, progress=True))
+                result, _ = asyncio.run(run_benchmark(bench_args, _requests(w)))
+                server_runs.append({k: result[k] for k in SERVER_KEYS})
     finally:
-        proc.terminate()
-        proc.wait(60)
-        if tmp is not None:
-            tmp.cleanup()
+        tmp.cleanup()
     report["offline"] = {"output_tok_s": median(r["output_tok_s"] for r in offline_runs),
                          "runs": offline_runs}
     report["server"] = {"output_throughput": median(r["output_throughput"]

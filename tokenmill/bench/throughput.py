@@ -47,6 +47,18 @@ def make_workload(n: int, vocab_size: int, input_range: tuple[int, int],
     return Workload(prompts, [rng.randint(*output_range) for _ in range(n)])
 
 
+def fresh_workloads(n: int, vocab_size: int, input_range: tuple[int, int],
+                    output_range: tuple[int, int], seed: int,
+                    runs: int) -> tuple[Workload, list[Workload]]:
+    """A small warm-up workload and one workload per timed run (seeds seed, seed+1, ...).
+
+    NOTE: fresh prompts in every run (each run's the same for every engine): repeating a run's
+    prompts would let tokenmill's prefix cache skip their prefill."""
+    warm = make_workload(4, vocab_size, input_range, (4, 4), seed - 1)
+    return warm, [make_workload(n, vocab_size, input_range, output_range, seed + i)
+                  for i in range(runs)]
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenmill
 
@@ -99,17 +111,6 @@ class TokenmillRunner:
         step, fwd = statistics.median(step_s), statistics.median(fwd_s)
         return {"batch": batch, "median_step_ms": step * 1e3, "median_forward_ms": fwd * 1e3,
                 "overhead_share": (step - fwd) / step}
-
-
-def run_tokenmill(model: str, wl: Workload, dtype: str, max_num_seqs: int,
-                  profile: bool = False) -> dict:
-    """One warmed-up timed run (``bench server-vs-offline`` uses it)."""
-    runner = TokenmillRunner(model, dtype, max_num_seqs=max_num_seqs)
-    runner.warm_up(wl)
-    result = runner.run(wl, progress=True)
-    if profile:
-        result["decode_profile"] = runner.profile_decode(wl)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +264,9 @@ def run_from_args(args) -> int:
         model = str(make_checkpoint(Path(tmp.name) / args.size, "llama", size=args.size,
                                     dtype=args.dtype if args.dtype != "auto" else "bfloat16"))
     vocab = AutoConfig.from_pretrained(model, local_files_only=True).vocab_size
-    wl = make_workload(args.num_prompts, vocab, tuple(args.input_len), tuple(args.output_len),
-                       args.seed)
+    warm, wls = fresh_workloads(args.num_prompts, vocab, tuple(args.input_len),
+                                tuple(args.output_len), args.seed, args.runs)
+    wl = wls[0]
     report = {"command": "tokenmill bench throughput " + " ".join(sys.argv[3:]
                                                                   if sys.argv[1:2] == ["bench"]
                                                                   else sys.argv[1:]),
@@ -280,14 +282,8 @@ def run_from_args(args) -> int:
         for bs in args.hf_batch_size:
             runners[f"transformers (batch {bs})"] = TransformersRunner(
                 model, args.hf_dtype or args.dtype, bs)
-    warm = make_workload(4, vocab, tuple(args.input_len), (4, 4), args.seed - 1)
     for r in runners.values():
         r.warm_up(warm)
-    # NOTE: fresh prompts in every run (the same for every engine within a run): repeating a
-    # run's prompts would let tokenmill's prefix cache skip their prefill.
-    wls = [wl] + [make_workload(args.num_prompts, vocab, tuple(args.input_len),
-                                tuple(args.output_len), args.seed + i)
-                  for i in range(1, args.runs)]
     runs: dict[str, list[dict]] = {name: [] for name in runners}
     for i in range(args.runs):   # alternate engines so that noise hits all alike
         for name, r in runners.items():

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tokenmill.bench.peers import TokenmillPeer
 from tokenmill.demo import data
 from tokenmill.demo import tools as tool_data
 
@@ -32,34 +30,6 @@ TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 NUMBER_RE = re.compile(r"-?\d+")
 PER_KIND = {"arithmetic": 600, "word_problem": 60, "chat": 60, "tool_call": 200,
             "tool_answer": 150, "tool_no_call": 60, "json": 100}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str | None, port: int, log_path: Path) -> tuple[subprocess.Popen, float]:
-    """``tokenmill serve`` in a subprocess; returns it and the seconds until /health answered."""
-    import httpx
-
-    cmd = [sys.executable, "-m", "tokenmill.cli", "serve"] + ([model] if model else []) + \
-        ["--host", "127.0.0.1", "--port", str(port)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
-    while time.time() - t0 < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, time.time() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become healthy within 300 s")
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:
@@ -229,11 +199,10 @@ def main(argv=None) -> int:
     from tokenmill.cli import default_model_path
 
     folder = args.model or default_model_path()
-    port = free_port()
-    log = Path(tempfile.mkdtemp()) / "server.log"
-    proc, startup = start_server(args.model, port, log)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
+    t0 = time.time()
+    with TokenmillPeer(Path(tempfile.mkdtemp()), args.model) as url:
+        startup = time.time() - t0
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600)
         model = client.models.list().data[0].id
         t0 = time.time()
         figures, failures = eval_chat(client, model, args.seed, args.scale, args.workers)
@@ -242,9 +211,6 @@ def main(argv=None) -> int:
         result = {"model": folder, "server_startup_s": round(startup, 1),
                   "eval_seconds": round(time.time() - t0), "figures": figures,
                   "parity_with_transformers": parity(client, model, folder)}
-    finally:
-        proc.terminate()
-        proc.wait(60)
     if args.show_failures:
         result["failures"] = failures
     print(json.dumps(result, indent=2))

@@ -142,6 +142,7 @@ class Linear(nn.Linear):
         weight = self.weight.detach()
         self.weight_t_fp32 = weight.float().t().contiguous()
         self.bias_fp32 = None if self.bias is None else self.bias.detach().float()
+        self.bias_plain = None if self.bias is None else self.bias.detach()
         if torch.backends.mkldnn.is_available():
             # The batch-size hint only tunes the packing; any number of rows works.
             self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -155,8 +156,8 @@ class Linear(nn.Linear):
                 return torch.mm(x32, self.weight_t_fp32).to(x.dtype)
             return torch.addmm(self.bias_fp32, x32, self.weight_t_fp32).to(x.dtype)
         if self.weight_packed is not None:
-            bias = None if self.bias is None else self.bias.detach()
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias_plain,
+                                                      "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 

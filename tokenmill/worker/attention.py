@@ -69,8 +69,8 @@ class SeqSpan(NamedTuple):
 class DecodeGroup:
     row_start: int             # first row of the group in the flattened batch
     num_seqs: int
-    width: int                 # blocks per sequence, padded to the longest
-    gather: torch.Tensor       # [2*Hkv * num_seqs*width] cache rows, head-major
+    gather: torch.Tensor       # [2*Hkv * num_seqs*width] cache rows, head-major (width:
+                               # blocks per sequence, padded to the group's longest)
     mask: torch.Tensor | None  # [B, 1, 1, width*block_size] additive; None -> all visible
 
 
@@ -177,7 +177,7 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
                 table.extend(s.block_ids[:w])
                 table.extend([0] * (width - w))   # padding: block 0, masked out
             meta.decode_groups.append(
-                DecodeGroup(a, b - a, width, spec.gather_rows(_long(table, device)), mask))
+                DecodeGroup(a, b - a, spec.gather_rows(_long(table, device)), mask))
 
     row = nd
     for s in spans[nd:]:
