@@ -13,9 +13,11 @@ A step's query tokens are flattened into one batch of T tokens, decodes first (o
 then prefill chunks. Every token's K/V is written to its slot (``block_id * block_size +
 offset``), then:
 
-* decodes attend in groups: the runner orders them longest first and ``build_metadata`` cuts
-  them into groups of similar length, each gathered and attended on its own (padded to its
-  longest member, a mask hiding the padding);
+* decodes, on CPU with the native kernel (``cpu_kernels``), attend in place: one call reads
+  each sequence's blocks through its block table, nothing is gathered;
+* else decodes attend in groups: the runner orders them longest first and ``build_metadata``
+  cuts them into groups of similar length, each gathered and attended on its own (padded to
+  its longest member, a mask hiding the padding);
 * each prefill chunk attends on its own: to the keys it just produced when it starts at
   position 0, else to its gathered context with an offset causal mask.
 
@@ -30,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.worker import cpu_kernels
 
 # One more decode group costs about as much as gathering and attending over this many padded
 # blocks (an index_select and an SDPA call; measured on this CPU, see BENCHMARKS.md).
@@ -88,6 +92,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor                       # [T] int64
     num_decode_tokens: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    # The native kernel's inputs instead of groups: [nd, max blocks] int32 block ids (padded
+    # with 0) and [nd] int32 context lengths.
+    decode_table: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
+    sliding_window: int | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -148,10 +157,11 @@ def group_decodes(widths: list[int]) -> list[tuple[int, int]]:
 
 
 def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int | None,
-                   device) -> AttentionMetadata:
+                   device, native_decode: bool = False) -> AttentionMetadata:
     """Metadata for a step whose rows are ``spans`` in order: decodes (one token) first.
 
-    Decodes are grouped as they come; put them longest first for the least padding.
+    ``native_decode``: decodes go to the native kernel (block tables); else they are grouped
+    as they come, so put them longest first for the least padding.
     """
     bs = spec.block_size
     slots: list[int] = []
@@ -162,9 +172,17 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
     nd = 0
     while nd < len(spans) and spans[nd].num_tokens == 1:
         nd += 1
-    meta = AttentionMetadata(slot_mapping=_long(slots, device), num_decode_tokens=nd)
+    meta = AttentionMetadata(slot_mapping=_long(slots, device), num_decode_tokens=nd,
+                             sliding_window=sliding_window)
 
-    if nd:
+    if nd and native_decode:
+        lens = [s.start_pos + 1 for s in spans[:nd]]
+        width = max(-(-n // bs) for n in lens)
+        table = [s.block_ids[:width] + [0] * (width - len(s.block_ids[:width]))
+                 for s in spans[:nd]]
+        meta.decode_table = torch.tensor(table, dtype=torch.int32, device=device)
+        meta.decode_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    elif nd:
         lens = [s.start_pos + 1 for s in spans[:nd]]
         widths = [-(-n // bs) for n in lens]
         for a, b in group_decodes(widths):
@@ -224,6 +242,10 @@ def paged_attention(
     rows = kv_cache.view(-1, kv_cache.shape[2] * head_dim)      # [2*Hkv*N, bs*D]
     gqa = q.shape[1] != num_kv_heads
     out = torch.empty_like(q)
+    if meta.decode_table is not None:
+        nd = meta.num_decode_tokens
+        cpu_kernels.decode_attention(q[:nd], kv_cache, meta.decode_table, meta.decode_lens,
+                                     scale, meta.sliding_window, out[:nd])
 
     for grp in meta.decode_groups:
         kv = rows.index_select(0, grp.gather).view(2, num_kv_heads, grp.num_seqs, -1, head_dim)

@@ -15,6 +15,7 @@ import torch
 from tokenmill.config import GiB, EngineConfig
 from tokenmill.engine.interfaces import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.models.loader import load_hf_config, load_model, resolve_dtype
+from tokenmill.worker import cpu_kernels
 from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
 from tokenmill.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
@@ -47,6 +48,9 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(self.num_blocks, self.block_size, self.model.num_kv_heads,
                                    self.model.head_dim)
         self.kv_caches = self.kv_spec.allocate(self.model.num_layers, self.dtype, self.device)
+        self.native_decode = cpu_kernels.supports(self.device, self.dtype,
+                                                  self.model.num_heads, self.model.num_kv_heads,
+                                                  self.model.head_dim)
         self.sampler = Sampler(self.device, seed=mc.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.forward_time = 0.0  # seconds spent in the model forward (read by the profiler)
@@ -146,7 +150,8 @@ class ModelRunner:
                 if end > start:
                     plp_rows.append((i, (row0, row0 + end - start),
                                      toks[start + 1:end + 1]))
-        meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device)
+        meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device,
+                              self.native_decode)
         return (self._tensor(input_ids), self._tensor(positions), meta, logit_rows, plp_rows)
 
     def _tensor(self, data) -> torch.Tensor:

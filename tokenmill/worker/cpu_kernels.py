@@ -1,0 +1,135 @@
+"""Native CPU kernels, compiled from ``csrc/`` at first use and called through ctypes.
+
+A small C file builds in about a second with the system C compiler, where a torch C++
+extension would take a minute; the built library is cached per source, flags and machine
+(``-march=native``) under ``$TOKENMILL_CACHE_DIR`` (default ``~/.cache/tokenmill``). Without a
+compiler, or if the build fails, ``decode_attention_kernel()`` returns None and attention keeps
+to its PyTorch path; ``TOKENMILL_NATIVE_KERNELS=0`` forces that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.c"
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+LANES = 16   # csrc's vector width: head_dim must be a multiple
+MAX_GROUP, MAX_DIM = 64, 256
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill"
+    return Path(root) / "kernels"
+
+
+def enabled() -> bool:
+    return os.environ.get("TOKENMILL_NATIVE_KERNELS", "1") not in ("0", "false", "no")
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    cpu = platform.machine() + (Path("/proc/cpuinfo").read_text(errors="ignore")
+                                if Path("/proc/cpuinfo").exists() else "")
+    flags = [f for f in cpu.splitlines() if f.startswith("flags")][:1]
+    key = hashlib.sha256(src + " ".join([cc] + FLAGS + flags).encode()).hexdigest()[:16]
+    out = cache_dir() / f"paged_attention-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # NOTE: build into a temporary name and rename: processes starting together (a test
+    # session, a server and its benchmark) may build at the same time.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(tmp_out, out)
+    return out
+
+
+def _load():
+    if "lib" in _loaded:
+        return _loaded["lib"]
+    with _lock:
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        lib = None
+        cc = _compiler()
+        if cc is None:
+            logger.warning("no C compiler found: CPU decode attention uses the PyTorch path")
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(cc)))
+                names = ["paged_decode_attention_f32", "paged_decode_attention_bf16"]
+                if lib.has_avx512_bf16():
+                    names.append("paged_decode_attention_bf16_avx512")
+                for name in names:
+                    fn = getattr(lib, name)
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_int64]
+            except (OSError, subprocess.SubprocessError) as e:
+                detail = getattr(e, "stderr", b"") or b""
+                logger.warning("building the CPU attention kernel failed (%s %s): using the "
+                               "PyTorch path", e, detail.decode(errors="replace")[-500:])
+                lib = None
+        _loaded["lib"] = lib
+        return lib
+
+
+def supports(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+             head_dim: int) -> bool:
+    """Whether ``decode_attention`` can serve a model of this geometry here."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and enabled()
+            and head_dim % LANES == 0 and head_dim <= MAX_DIM
+            and num_heads // num_kv_heads <= MAX_GROUP and _load() is not None)
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, window: int | None,
+                     out: torch.Tensor) -> None:
+    """out[b] = attention of q[b] ([B, H, D], rows may be strided) over its ``seq_lens[b]``
+    cached tokens, read in place from ``kv_cache`` ([2*Hkv, N, bs, D]) through
+    ``block_table`` ([B, max_blocks] int32). Call ``supports`` first."""
+    lib = _load()
+    B, H, D = q.shape
+    two_hkv, num_blocks, block_size, _ = kv_cache.shape
+    assert q.dtype == kv_cache.dtype == out.dtype and q.stride(2) == 1 and q.stride(1) == D
+    assert out.stride(2) == 1 and out.stride(1) == D and kv_cache.is_contiguous()
+    assert block_table.dtype == seq_lens.dtype == torch.int32 and block_table.is_contiguous()
+    if q.dtype == torch.float32:
+        fn = lib.paged_decode_attention_f32
+    elif D % 32 == 0 and lib.has_avx512_bf16():
+        fn = lib.paged_decode_attention_bf16_avx512
+    else:
+        fn = lib.paged_decode_attention_bf16
+    rc = fn(q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size,
+            two_hkv // 2, H, D, block_table.data_ptr(), block_table.shape[1],
+            seq_lens.data_ptr(), B, scale, window or 0, out.data_ptr(), out.stride(0))
+    if rc != 0:
+        raise RuntimeError(f"paged_decode_attention failed ({rc})")
