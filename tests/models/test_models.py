@@ -218,15 +218,21 @@ def test_bf16_matches_hf_bf16(ckpt, fp32_min_rows):
     torch.testing.assert_close(out, ref, atol=1 / 8, rtol=0)
 
 
-def test_cpu_gemm_linear():
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "onednn"])
+def test_cpu_gemm_linear(native, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", native)
     lin = Linear(64, 48, bias=True).to(torch.bfloat16)
     x = torch.randn(40, 64).to(torch.bfloat16)
     with torch.no_grad():
         lin.use_cpu_gemm(fp32_min_rows=32)
         small, big = lin(x[:8]), lin(x)
-        # Below the bar: packed bf16 weights, same kernel family as F.linear, same bits.
-        assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))
-        assert big.dtype == torch.bfloat16
+        if lin.weight_native is None:
+            # oneDNN-packed bf16 weights: same kernel family as F.linear, same bits.
+            assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))
+        else:   # the native kernel: fp32 sums in another order, one rounding to bf16
+            assert native == "1"
+            torch.testing.assert_close(small, F.linear(x[:8], lin.weight, lin.bias))
+        assert big.dtype == small.dtype == torch.bfloat16
         torch.testing.assert_close(big, F.linear(x, lin.weight, lin.bias))
 
 

@@ -1,7 +1,9 @@
-"""The native CPU decode-attention kernel against the PyTorch path (itself checked against
-dense attention in test_attention.py): float32 and bfloat16, grouped K/V heads, ragged
-lengths over shuffled blocks, sliding windows, strided query rows; and the model runner
-falling back to PyTorch when the kernel is switched off."""
+"""The native CPU kernels.
+
+Decode attention against the PyTorch path (itself checked against dense attention in
+test_attention.py): float32 and bfloat16, grouped K/V heads, ragged lengths over shuffled
+blocks, sliding windows, strided query rows; the model runner falling back to PyTorch when the
+kernels are switched off. The few-rows bf16 linear against a float32 reference."""
 
 from __future__ import annotations
 
@@ -86,3 +88,22 @@ def test_engine_greedy_same_with_and_without_kernel(tmp_path, monkeypatch):
         assert llm.engine.core.runner.native_decode == (flag == "1")
         outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["1"] == outs["0"]
+
+
+@pytest.mark.skipif(not cpu_kernels.linear_supported(torch.zeros(16, 32, dtype=torch.bfloat16)),
+                    reason="no AVX-512 bf16 on this CPU")
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 31])
+@pytest.mark.parametrize("n,k,bias", [(48, 64, True), (1000, 512, False), (37, 94, True)])
+def test_native_linear_matches_float32_reference(m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * n)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(m, 2 * k, generator=gen).to(torch.bfloat16)[:, ::2]   # strided rows
+    got = cpu_kernels.linear(x, cpu_kernels.pack_linear(w), b, n)
+    want = x.float() @ w.float().t() + (b if bias else 0)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    # Rounded once from fp32 sums: equal to the rounded reference but where summation order
+    # moves a value across a rounding boundary (rare, one bf16 step).
+    exact = got == want.to(torch.bfloat16)
+    assert exact.float().mean() > 0.99
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=1 / 128)

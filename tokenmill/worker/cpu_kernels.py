@@ -1,10 +1,11 @@
-"""Native CPU kernels, compiled from ``csrc/`` at first use and called through ctypes.
+"""Native CPU kernels, compiled from ``csrc/`` at first use and called through ctypes:
+decode attention over the paged cache, and a linear layer for decode-sized batches.
 
-A small C file builds in about a second with the system C compiler, where a torch C++
-extension would take a minute; the built library is cached per source, flags and machine
+Plain C files build in about a second with the system C compiler, where a torch C++ extension
+would take a minute; the built library is cached per source, flags and machine
 (``-march=native``) under ``$TOKENMILL_CACHE_DIR`` (default ``~/.cache/tokenmill``). Without a
-compiler, or if the build fails, ``decode_attention_kernel()`` returns None and attention keeps
-to its PyTorch path; ``TOKENMILL_NATIVE_KERNELS=0`` forces that path.
+compiler, or if the build fails, ``supports`` and ``linear_supported`` say no and the callers
+keep to their PyTorch paths; ``TOKENMILL_NATIVE_KERNELS=0`` forces those paths.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.c"
+SOURCES = sorted((Path(__file__).resolve().parent / "csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 LANES = 16   # csrc's vector width: head_dim must be a multiple
 MAX_GROUP, MAX_DIM = 64, 256
@@ -50,12 +51,12 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     cpu = platform.machine() + (Path("/proc/cpuinfo").read_text(errors="ignore")
                                 if Path("/proc/cpuinfo").exists() else "")
     flags = [f for f in cpu.splitlines() if f.startswith("flags")][:1]
     key = hashlib.sha256(src + " ".join([cc] + FLAGS + flags).encode()).hexdigest()[:16]
-    out = cache_dir() / f"paged_attention-{key}.so"
+    out = cache_dir() / f"tokenmill-kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def _build(cc: str) -> Path:
     # session, a server and its benchmark) may build at the same time.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], check=True,
+        subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp_out), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp_out, out)
     return out
@@ -93,6 +94,11 @@ def _load():
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_int64]
+                fn = lib.linear_bf16_vnni
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                               ctypes.c_int64]
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 logger.warning("building the CPU attention kernel failed (%s %s): using the "
@@ -133,3 +139,42 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
             seq_lens.data_ptr(), B, scale, window or 0, out.data_ptr(), out.stride(0))
     if rc != 0:
         raise RuntimeError(f"paged_decode_attention failed ({rc})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers for few rows (decode)
+
+
+def linear_supported(weight: torch.Tensor) -> bool:
+    """Whether ``pack_linear`` / ``linear`` serve this weight here (bf16 on a CPU with
+    AVX-512 bf16, an even number of input features)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.shape[1] % 2:
+        return False
+    lib = _load() if enabled() else None
+    return lib is not None and bool(lib.has_linear_bf16_vnni())
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/16, K/2, 16, 2] (N padded with zero rows to a multiple of 16): each 64-byte
+    row holds two consecutive inputs of 16 consecutive outputs, vdpbf16ps's operand order."""
+    n, k = weight.shape
+    padded = -(-n // 16) * 16
+    w = torch.zeros(padded, k, dtype=weight.dtype)
+    w[:n] = weight
+    return w.view(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+           out_features: int) -> torch.Tensor:
+    """x [M, K] bf16 @ W^T (+ bias, float32) -> [M, N] bf16, from ``pack_linear(W)``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    rc = _loaded["lib"].linear_bf16_vnni(
+        x.data_ptr(), x.stride(0), packed.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, m,
+        out_features, k)
+    if rc != 0:
+        raise RuntimeError(f"linear_bf16_vnni failed ({rc})")
+    return y
