@@ -17,7 +17,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
-#define MT 8   /* x rows per pass: MT x NJ accumulators stay in the 32 zmm registers */
+#define MT 12  /* x rows per pass: MT x NJ accumulators (24) + operands fit the 32 zmm registers */
 #define NJ 2   /* output blocks of 16 per pass: independent chains hide vdpbf16ps latency */
 #define PF 16  /* prefetch distance in 64-byte loads */
 
