@@ -117,6 +117,16 @@ int NAME(const T *q, int64_t q_stride, const T *cache, int64_t num_blocks, int b
 #include <immintrin.h>
 #define HAVE_AVX512_BF16 1
 
+/* The tokens [t, t + *cnt) of a sequence that share its block at t, and the first one's row.
+ * NOTE: the kernels walk block by block and move a pointer within one: a division per token
+ * (t / block_size) cost as much as its dot products. */
+static inline const uint16_t *block_run(const uint16_t *base, const int32_t *blocks,
+                                        int block_size, int D, int t, int len, int *cnt) {
+    const int off = t % block_size;
+    *cnt = block_size - off < len - t ? block_size - off : len - t;
+    return base + ((int64_t)blocks[t / block_size] * block_size + off) * D;
+}
+
 /* e^x for x <= 0 (softmax after the max is subtracted): 2^n * 2^f with f in [-0.5, 0.5] and
  * 2^f = e^(f ln 2) by its Taylor series to degree 7 (relative error < 1e-8, below fp32's). */
 static inline __m512 exp512(__m512 x) {
@@ -146,12 +156,8 @@ static void decode_one_bf16(const uint16_t *q, const uint16_t *kbase, const uint
     for (int g = 0; g < G; g++)
         for (int c = 0; c < C; c++)
             qv[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(q + (int64_t)g * D + 32 * c));
-    /* NOTE: block by block, tokens by pointer: a division per token (t / block_size) cost as
-     * much as its dot products. */
-    for (int t = start; t < len;) {
-        const int off = t % block_size, cnt = block_size - off < len - t ? block_size - off
-                                                                         : len - t;
-        const uint16_t *kp = kbase + ((int64_t)blocks[t / block_size] * block_size + off) * D;
+    for (int t = start, cnt; t < len; t += cnt) {
+        const uint16_t *kp = block_run(kbase, blocks, block_size, D, t, len, &cnt);
         for (int j = 0; j < cnt; j++, kp += D) {
             __m512bh kv[MAX_DIM / 32];
             for (int c = 0; c < C; c++)
@@ -162,7 +168,6 @@ static void decode_one_bf16(const uint16_t *q, const uint16_t *kbase, const uint
                 scores[(int64_t)g * n + (t - start) + j] = _mm512_reduce_add_ps(acc) * scale;
             }
         }
-        t += cnt;
     }
     __m512 acc[MAX_GROUP][MAX_DIM / 16];
     float sum[MAX_GROUP];
@@ -187,10 +192,8 @@ static void decode_one_bf16(const uint16_t *q, const uint16_t *kbase, const uint
         sum[g] = _mm512_reduce_add_ps(tot);
         for (int c = 0; c < V; c++) acc[g][c] = _mm512_setzero_ps();
     }
-    for (int t = start; t < len;) {
-        const int off = t % block_size, cnt = block_size - off < len - t ? block_size - off
-                                                                         : len - t;
-        const uint16_t *vp = vbase + ((int64_t)blocks[t / block_size] * block_size + off) * D;
+    for (int t = start, cnt; t < len; t += cnt) {
+        const uint16_t *vp = block_run(vbase, blocks, block_size, D, t, len, &cnt);
         for (int j = 0; j < cnt; j++, vp += D) {
             __m512 vv[MAX_DIM / 16];
             for (int c = 0; c < V; c++)
@@ -201,7 +204,6 @@ static void decode_one_bf16(const uint16_t *q, const uint16_t *kbase, const uint
                 for (int c = 0; c < V; c++) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
             }
         }
-        t += cnt;
     }
     for (int g = 0; g < G; g++) {
         float tmp[MAX_DIM];
