@@ -73,6 +73,17 @@ def test_switch_off_falls_back_to_torch(monkeypatch):
     assert not cpu_kernels.supports(torch.device("cpu"), torch.float32, 8, 2, 64)
 
 
+def test_failed_build_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    """A compiler that fails (here `false`) leaves the PyTorch paths, with a warning."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    assert not cpu_kernels.supports(torch.device("cpu"), torch.float32, 8, 2, 64)
+    assert not cpu_kernels.linear_supported(torch.zeros(16, 32, dtype=torch.bfloat16))
+    assert "building the CPU kernels failed" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
+
+
 def test_engine_greedy_same_with_and_without_kernel(tmp_path, monkeypatch):
     """A whole engine (fp32, batched decodes over many blocks): same tokens both ways."""
     from tokenmill import LLM, SamplingParams

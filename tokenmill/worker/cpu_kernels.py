@@ -26,7 +26,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).resolve().parent / "csrc").glob("*.c"))
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS.append("-mprefer-vector-width=512")   # gcc would otherwise auto-vectorize at 256
 LANES = 16   # csrc's vector width: head_dim must be a multiple
 MAX_GROUP, MAX_DIM = 64, 256
 
@@ -79,7 +81,7 @@ def _load():
         lib = None
         cc = _compiler()
         if cc is None:
-            logger.warning("no C compiler found: CPU decode attention uses the PyTorch path")
+            logger.warning("no C compiler found: the CPU kernels' PyTorch paths run instead")
         else:
             try:
                 lib = ctypes.CDLL(str(_build(cc)))
@@ -101,8 +103,8 @@ def _load():
                                ctypes.c_int64]
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
-                logger.warning("building the CPU attention kernel failed (%s %s): using the "
-                               "PyTorch path", e, detail.decode(errors="replace")[-500:])
+                logger.warning("building the CPU kernels failed (%s %s): their PyTorch paths "
+                               "run instead", e, detail.decode(errors="replace")[-500:])
                 lib = None
         _loaded["lib"] = lib
         return lib
