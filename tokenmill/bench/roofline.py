@@ -5,8 +5,8 @@ bf16 and in float32; the faster one bounds compute, as the engine may use either
 memory copy bandwidth (GB/s). Two bounds on output tokens/s:
 
 * large batch (compute bound): every prompt and output token costs ``2 * matmul params`` FLOPs
-  (the lm_head only for output tokens) plus attention over its context; the workload's FLOPs at the GEMM rate give a time, and its
-  output tokens over that time are the bound;
+  (the lm_head only for output tokens) plus attention over its context; the workload's FLOPs
+  at the GEMM rate give a time, and its output tokens over that time are the bound;
 * batch 1 (bandwidth bound): each decode step reads every weight once.
 """
 

@@ -175,16 +175,14 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
     meta = AttentionMetadata(slot_mapping=_long(slots, device), num_decode_tokens=nd,
                              sliding_window=sliding_window)
 
+    lens = [s.start_pos + 1 for s in spans[:nd]]
+    widths = [-(-n // bs) for n in lens]   # blocks each decode reads
     if nd and native_decode:
-        lens = [s.start_pos + 1 for s in spans[:nd]]
-        width = max(-(-n // bs) for n in lens)
-        table = [s.block_ids[:width] + [0] * (width - len(s.block_ids[:width]))
-                 for s in spans[:nd]]
+        width = max(widths)
+        table = [s.block_ids[:w] + [0] * (width - w) for s, w in zip(spans[:nd], widths)]
         meta.decode_table = torch.tensor(table, dtype=torch.int32, device=device)
         meta.decode_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     elif nd:
-        lens = [s.start_pos + 1 for s in spans[:nd]]
-        widths = [-(-n // bs) for n in lens]
         for a, b in group_decodes(widths):
             width = max(widths[a:b])
             mask = None

@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_MEMORY = 2 * GiB
 GPU_MEMORY_FRACTION = 0.9
 # bf16 on CPU: matmuls of this many rows or more run on float32 weight copies (MKL's fp32 GEMM
-# beats oneDNN's bf16 one there without AMX), fewer rows on oneDNN-packed bf16 weights; when the
-# extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
+# beats oneDNN's bf16 one there without AMX), fewer rows on packed bf16 weights (the native
+# kernel, else oneDNN); when the extra copies take at most CPU_GEMM_MAX_BYTES. Measured in
+# BENCHMARKS.md.
 CPU_FP32_GEMM_MIN_ROWS = 32
 CPU_GEMM_MAX_BYTES = 6 * GiB
 
