@@ -19,6 +19,7 @@ from tokenmill.models.qwen2 import uniform_sliding_window
 from tokenmill.models.registry import get_model_class, supported_architectures
 from tokenmill.testing import TEST_ARCHS
 from tokenmill.testing.checkpoints import make_checkpoint
+from tokenmill.worker import cpu_kernels
 from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -193,11 +194,20 @@ def test_sharded_checkpoint_loads_and_matches(ckpt):
                  hf_logits(path, tuple(ids)))
 
 
-@pytest.mark.parametrize("fp32_min_rows", [0, 1, 8], ids=["plain", "fp32-gemm", "packed-bf16"])
-def test_bf16_matches_hf_bf16(ckpt, fp32_min_rows):
+AMX = cpu_kernels.amx_supported(torch.zeros(32, 32, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("gemm", [
+    "plain", "fp32-gemm", "packed-bf16",
+    pytest.param("amx", marks=pytest.mark.skipif(not AMX, reason="no usable AMX here"))])
+def test_bf16_matches_hf_bf16(ckpt, gemm, monkeypatch):
     """bfloat16 rounds where HF's bfloat16 model rounds, also on the CPU fast paths (fp32 GEMMs
-    on weight copies, packed bf16 weights): chunked prefill then decode through the cache."""
+    on weight copies, packed bf16 weights, AMX tiles): chunked prefill then decode through the
+    cache."""
     from transformers import AutoModelForCausalLM
+
+    if gemm != "amx":
+        monkeypatch.setenv("TOKENMILL_AMX", "0")
 
     path = ckpt("qwen3", dtype="bfloat16")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
@@ -206,8 +216,12 @@ def test_bf16_matches_hf_bf16(ckpt, fp32_min_rows):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     model = load_model(path, load_hf_config(path), "bfloat16", "cpu", progress=False)
-    if fp32_min_rows:
-        model.use_cpu_gemm(fp32_min_rows)
+    if gemm != "plain":
+        # rows per step below: 12, 7, 1
+        model.use_cpu_gemm(fp32_min_rows={"fp32-gemm": 1, "packed-bf16": 8, "amx": 32}[gemm],
+                           amx_min_rows=1)
+        amx_layers = [m for m in model.modules() if isinstance(m, Linear) and m.amx_min_rows]
+        assert bool(amx_layers) == (gemm == "amx")
     caches = kv_spec(model).allocate(model.num_layers, torch.bfloat16, "cpu")
     blocks = [7, 3, 11, 0, 5, 9]
     out = torch.cat([
@@ -218,19 +232,24 @@ def test_bf16_matches_hf_bf16(ckpt, fp32_min_rows):
     torch.testing.assert_close(out, ref, atol=1 / 8, rtol=0)
 
 
-@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "onednn"])
+@pytest.mark.parametrize("native", ["1", "0", "amx"], ids=["native", "onednn", "amx"])
 def test_cpu_gemm_linear(native, monkeypatch):
-    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", native)
+    if native == "amx" and not AMX:
+        pytest.skip("no usable AMX here")
+    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0" if native == "0" else "1")
+    monkeypatch.setenv("TOKENMILL_AMX", "1" if native == "amx" else "0")
     lin = Linear(64, 48, bias=True).to(torch.bfloat16)
     x = torch.randn(40, 64).to(torch.bfloat16)
     with torch.no_grad():
-        lin.use_cpu_gemm(fp32_min_rows=32)
+        lin.use_cpu_gemm(fp32_min_rows=32, amx_min_rows=32)
+        assert (lin.amx_min_rows > 0) == (native == "amx")
+        assert (lin.weight_t_fp32 is None) == (native == "amx")
         small, big = lin(x[:8]), lin(x)
         if lin.weight_native is None:
             # oneDNN-packed bf16 weights: same kernel family as F.linear, same bits.
             assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))
         else:   # the native kernel: fp32 sums in another order, one rounding to bf16
-            assert native == "1"
+            assert native in ("1", "amx")
             torch.testing.assert_close(small, F.linear(x[:8], lin.weight, lin.bias))
         assert big.dtype == small.dtype == torch.bfloat16
         torch.testing.assert_close(big, F.linear(x, lin.weight, lin.bias))

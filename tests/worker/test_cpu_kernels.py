@@ -118,3 +118,30 @@ def test_native_linear_matches_float32_reference(m, n, k, bias):
     exact = got == want.to(torch.bfloat16)
     assert exact.float().mean() > 0.99
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=1 / 128)
+
+
+AMX = cpu_kernels.amx_supported(torch.zeros(32, 32, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not AMX, reason="no usable AMX on this CPU")
+@pytest.mark.parametrize("m", [1, 16, 31, 32, 33, 100, 300])
+@pytest.mark.parametrize("n,k,bias", [(48, 64, True), (1000, 512, False), (37, 96, True)])
+def test_amx_linear_matches_float32_reference(m, n, k, bias):
+    """Tiles over ragged rows (a zero-padded last block) and columns (a padded weight)."""
+    gen = torch.Generator().manual_seed(m * n + 1)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(m, k + 32, generator=gen).to(torch.bfloat16)[:, 32:]   # rows k+32 apart
+    got = cpu_kernels.linear(x, cpu_kernels.pack_linear(w), b, n, amx=True)
+    want = x.float() @ w.float().t() + (b if bias else 0)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    exact = got == want.to(torch.bfloat16)
+    assert exact.float().mean() > 0.99
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=1 / 128)
+
+
+def test_amx_needs_k_multiple_of_32_and_can_be_switched_off(monkeypatch):
+    assert not cpu_kernels.amx_supported(torch.zeros(32, 48, dtype=torch.bfloat16))
+    assert not cpu_kernels.amx_supported(torch.zeros(32, 64, dtype=torch.float32))
+    monkeypatch.setenv("TOKENMILL_AMX", "0")
+    assert not cpu_kernels.amx_supported(torch.zeros(32, 64, dtype=torch.bfloat16))

@@ -125,30 +125,43 @@ class Linear(nn.Linear):
     Without usable AMX, oneDNN's bf16 GEMM on ``nn.Linear``'s plain ``[out, in]`` weight repacks
     the weight on every call. So (BENCHMARKS.md):
 
-    * from ``fp32_min_rows`` rows on, MKL's fp32 GEMM on an ``[in, out]`` float32 copy: 1.3-2x
-      faster. Same result up to summation order: bf16 x bf16 products are exact in fp32, both
-      accumulate in fp32 and round to bf16 once;
+    * where the CPU has AMX (``cpu_kernels.amx_supported``), from ``amx_min_rows`` rows on, the
+      native AMX kernel on a packed copy: 3-12x MKL's fp32 GEMM;
+    * otherwise, from ``fp32_min_rows`` rows on, MKL's fp32 GEMM on an ``[in, out]`` float32
+      copy: 1.3-2x faster than oneDNN. Same result up to summation order: bf16 x bf16 products
+      are exact in fp32, all of these accumulate in fp32 and round to bf16 once;
     * below, few rows are bound by reading the weight, so bf16 stays: the native kernel
-      (``cpu_kernels.linear``, AVX-512 bf16) on a copy packed for it streams the weight at
-      ~20 GB/s where oneDNN reaches ~16 (1.2-1.4x up to 8 rows, even at 16-31); without it,
-      oneDNN on a weight packed once in its blocked layout (bit-identical to ``F.linear``,
-      10-25% faster than it).
+      (``cpu_kernels.linear``, AVX-512 bf16) on the packed copy streams the weight at ~20 GB/s
+      where oneDNN reaches ~16 (1.2-1.4x up to 8 rows, even at 16-31); without it, oneDNN on
+      a weight packed once in its blocked layout (bit-identical to ``F.linear``, 10-25% faster
+      than it).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.fp32_min_rows = 0   # 0: plain F.linear
+        self.cpu_gemm = False
+        self.amx_min_rows = 0     # 0: no AMX
+        self.weight_t_fp32 = None
         self.weight_packed = None
         self.weight_native = None
 
-    def use_cpu_gemm(self, fp32_min_rows: int) -> None:
-        """Keep a float32 ``[in, out]`` copy and a packed copy (native or oneDNN) of the
-        weight."""
-        self.fp32_min_rows = fp32_min_rows
+    @staticmethod
+    def cpu_gemm_bytes(weight: torch.Tensor) -> int:
+        """Bytes ``use_cpu_gemm`` adds for ``weight``: a packed bf16 copy, and a float32 one
+        unless AMX serves the large matmuls."""
+        extra = 0 if cpu_kernels.amx_supported(weight) else 4
+        return weight.numel() * (weight.element_size() + extra)
+
+    def use_cpu_gemm(self, fp32_min_rows: int, amx_min_rows: int) -> None:
+        """Keep the copies the fast paths need (see the class docstring)."""
+        self.cpu_gemm, self.fp32_min_rows = True, fp32_min_rows
         weight = self.weight.detach()
-        self.weight_t_fp32 = weight.float().t().contiguous()
         self.bias_fp32 = None if self.bias is None else self.bias.detach().float()
         self.bias_plain = None if self.bias is None else self.bias.detach()
+        if cpu_kernels.amx_supported(weight):
+            self.amx_min_rows = amx_min_rows
+        else:
+            self.weight_t_fp32 = weight.float().t().contiguous()
         if cpu_kernels.linear_supported(weight):
             self.weight_native = cpu_kernels.pack_linear(weight)
         elif torch.backends.mkldnn.is_available():
@@ -156,9 +169,13 @@ class Linear(nn.Linear):
             self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: [T, in]
-        if not self.fp32_min_rows:
+        if not self.cpu_gemm:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] >= self.fp32_min_rows:
+        rows = x.shape[0]
+        if self.amx_min_rows and rows >= self.amx_min_rows:
+            return cpu_kernels.linear(x, self.weight_native, self.bias_fp32, self.out_features,
+                                      amx=True)
+        if self.weight_t_fp32 is not None and rows >= self.fp32_min_rows:
             x32 = x.float()
             if self.bias_fp32 is None:
                 return torch.mm(x32, self.weight_t_fp32).to(x.dtype)

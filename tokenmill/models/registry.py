@@ -91,18 +91,19 @@ class CausalLM(nn.Module):
         """[N, hidden] -> float32 logits [N, vocab] (matmul in the model dtype, as HF)."""
         return self.lm_head(hidden).float()
 
-    def use_cpu_gemm(self, fp32_min_rows: int) -> int:
-        """Switch every Linear to the CPU bf16 fast paths (see ``layers.Linear``): fp32 GEMMs
-        from ``fp32_min_rows`` rows on. Returns the bytes the extra weight copies take."""
+    def use_cpu_gemm(self, fp32_min_rows: int, amx_min_rows: int) -> int:
+        """Switch every Linear to the CPU bf16 fast paths (see ``layers.Linear``): AMX or fp32
+        GEMMs from ``amx_min_rows`` / ``fp32_min_rows`` rows on. Returns the bytes the extra
+        weight copies take."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.use_cpu_gemm(fp32_min_rows)
+                module.use_cpu_gemm(fp32_min_rows, amx_min_rows)
         return self.cpu_gemm_bytes()
 
     def cpu_gemm_bytes(self) -> int:
-        """Bytes ``use_cpu_gemm`` adds: a float32 and a packed bf16 copy of each weight."""
-        return sum(m.weight.numel() * (4 + m.weight.element_size())
-                   for m in self.modules() if isinstance(m, Linear))
+        """Bytes ``use_cpu_gemm`` adds (``Linear.cpu_gemm_bytes`` over every Linear)."""
+        return sum(Linear.cpu_gemm_bytes(m.weight) for m in self.modules()
+                   if isinstance(m, Linear))
 
     # -----------------------------------------------------------------------------------------
     # Loading

@@ -1,11 +1,13 @@
 """Native CPU kernels, compiled from ``csrc/`` at first use and called through ctypes:
-decode attention over the paged cache, and a linear layer for decode-sized batches.
+decode attention over the paged cache, a linear layer for decode-sized batches (AVX-512 bf16),
+and a linear layer on AMX tiles for everything larger where the CPU has AMX.
 
 Plain C files build in about a second with the system C compiler, where a torch C++ extension
 would take a minute; the built library is cached per source, flags and machine
 (``-march=native``) under ``$TOKENMILL_CACHE_DIR`` (default ``~/.cache/tokenmill``). Without a
 compiler, or if the build fails, ``supports`` and ``linear_supported`` say no and the callers
-keep to their PyTorch paths; ``TOKENMILL_NATIVE_KERNELS=0`` forces those paths.
+keep to their PyTorch paths; ``TOKENMILL_NATIVE_KERNELS=0`` forces those paths and
+``TOKENMILL_AMX=0`` leaves out only the AMX one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -96,11 +99,12 @@ def _load():
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
                                    ctypes.c_void_p, ctypes.c_int64]
-                fn = lib.linear_bf16_vnni
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                               ctypes.c_int64]
+                for fn in (lib.linear_bf16_vnni, lib.linear_bf16_amx):
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                   ctypes.c_int64, ctypes.c_int64]
+                _loaded["amx"] = _amx_works(lib)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 logger.warning("building the CPU kernels failed (%s %s): their PyTorch paths "
@@ -108,6 +112,21 @@ def _load():
                 lib = None
         _loaded["lib"] = lib
         return lib
+
+
+def _amx_works(lib) -> bool:
+    """AMX tiles usable in this process: the OS grants them, and a tile product run in a child
+    process (an illegal instruction there cannot take this one down) gives the right answer."""
+    if not lib.has_linear_bf16_amx():
+        return False
+    probe = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
+             "lib.amx_selftest.restype = ctypes.c_float; sys.exit(lib.amx_selftest() != 32.0)")
+    try:
+        child = subprocess.run([sys.executable, "-c", probe, lib._name], capture_output=True,
+                               timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return child.returncode == 0 and bool(lib.amx_enable())
 
 
 def supports(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
@@ -156,27 +175,36 @@ def linear_supported(weight: torch.Tensor) -> bool:
     return lib is not None and bool(lib.has_linear_bf16_vnni())
 
 
+def amx_supported(weight: torch.Tensor) -> bool:
+    """Whether ``linear_amx`` serves this weight here (``linear_supported``, AMX usable, the
+    number of input features a multiple of 32; ``TOKENMILL_AMX=0`` says no)."""
+    return (linear_supported(weight) and weight.shape[1] % 32 == 0 and _loaded.get("amx", False)
+            and os.environ.get("TOKENMILL_AMX", "1") not in ("0", "false", "no"))
+
+
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K/2, 16, 2] (N padded with zero rows to a multiple of 16): each 64-byte
-    row holds two consecutive inputs of 16 consecutive outputs, vdpbf16ps's operand order."""
+    """[N, K] -> [N/16, K/2, 16, 2] (N padded with zero rows to a multiple of 32): each 64-byte
+    row holds two consecutive inputs of 16 consecutive outputs, vdpbf16ps's operand order, and
+    16 such rows are one AMX tile of the weight."""
     n, k = weight.shape
-    padded = -(-n // 16) * 16
+    padded = -(-n // 32) * 32
     w = torch.zeros(padded, k, dtype=weight.dtype)
     w[:n] = weight
     return w.view(padded // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-           out_features: int) -> torch.Tensor:
-    """x [M, K] bf16 @ W^T (+ bias, float32) -> [M, N] bf16, from ``pack_linear(W)``."""
+           out_features: int, amx: bool = False) -> torch.Tensor:
+    """x [M, K] bf16 @ W^T (+ bias, float32) -> [M, N] bf16, from ``pack_linear(W)``; on AMX
+    tiles when ``amx`` (check ``amx_supported`` first)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=x.dtype)
-    rc = _loaded["lib"].linear_bf16_vnni(
-        x.data_ptr(), x.stride(0), packed.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, m,
-        out_features, k)
+    fn = _loaded["lib"].linear_bf16_amx if amx else _loaded["lib"].linear_bf16_vnni
+    rc = fn(x.data_ptr(), x.stride(0), packed.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, m,
+            out_features, k)
     if rc != 0:
-        raise RuntimeError(f"linear_bf16_vnni failed ({rc})")
+        raise RuntimeError(f"{'linear_bf16_amx' if amx else 'linear_bf16_vnni'} failed ({rc})")
     return y

@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_MEMORY = 2 * GiB
 GPU_MEMORY_FRACTION = 0.9
-# bf16 on CPU: matmuls of this many rows or more run on float32 weight copies (MKL's fp32 GEMM
-# beats oneDNN's bf16 one there without AMX), fewer rows on packed bf16 weights (the native
-# kernel, else oneDNN); when the extra copies take at most CPU_GEMM_MAX_BYTES. Measured in
-# BENCHMARKS.md.
+# bf16 on CPU: matmuls of CPU_AMX_MIN_ROWS rows or more run on AMX tiles where the CPU has them;
+# else from CPU_FP32_GEMM_MIN_ROWS on float32 weight copies (MKL's fp32 GEMM beats oneDNN's bf16
+# one without AMX); fewer rows on packed bf16 weights (the native kernel, else oneDNN); when the
+# extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
+CPU_AMX_MIN_ROWS = 4
 CPU_FP32_GEMM_MIN_ROWS = 32
 CPU_GEMM_MAX_BYTES = 6 * GiB
 
@@ -40,9 +41,11 @@ class ModelRunner:
         self.model = load_model(mc.model, self.hf_config, self.dtype, self.device, progress=progress)
         if (self.device.type == "cpu" and self.dtype == torch.bfloat16
                 and self.model.cpu_gemm_bytes() <= CPU_GEMM_MAX_BYTES):
-            extra = self.model.use_cpu_gemm(CPU_FP32_GEMM_MIN_ROWS)
-            logger.info("bf16 on CPU: fp32 matmuls from %d rows, packed bf16 below "
-                        "(weight copies: %.2f GiB)", CPU_FP32_GEMM_MIN_ROWS, extra / GiB)
+            extra = self.model.use_cpu_gemm(CPU_FP32_GEMM_MIN_ROWS, CPU_AMX_MIN_ROWS)
+            amx = any(getattr(m, "amx_min_rows", 0) for m in self.model.modules())
+            logger.info("bf16 on CPU: %s matmuls from %d rows, packed bf16 below (weight "
+                        "copies: %.2f GiB)", "AMX" if amx else "fp32",
+                        CPU_AMX_MIN_ROWS if amx else CPU_FP32_GEMM_MIN_ROWS, extra / GiB)
         self.block_size = config.cache.block_size
         self.sliding_window = getattr(self.model, "sliding_window", None)
         self.num_blocks = self._decide_num_blocks(config)
