@@ -150,3 +150,51 @@ def test_shipped_model_same_greedy_text_in_transformers_and_tokenmill():
     got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
     # transformers stops at the first EOS id and includes it, as tokenmill does
     assert [list(o.outputs[0].token_ids) for o in got] == want
+
+
+def test_tool_sessions_chain_several_calls_over_one_tool_list():
+    for s in data.generate(60, seed=6, kinds={"tool_session": 1.0}):
+        names = {t["function"]["name"] for t in s.tools}
+        calls = [m["tool_calls"][0]["function"] for m in s.messages if m.get("tool_calls")]
+        assert calls and all(c["name"] in names for c in calls)
+        roles = [m["role"] for m in s.messages if m["role"] != "system"]
+        # every call is answered by a tool message, and every result by an assistant answer
+        for i, role in enumerate(roles):
+            if role == "tool":
+                assert roles[i - 1] == "assistant"
+        if "tool" in s.meta:
+            assert roles[-1] == "user" and s.completion.endswith("</tool_call>")
+        else:
+            assert roles[-1] == "tool" and "<tool_call>" not in s.completion
+
+
+def test_training_rows_learn_every_assistant_turn_and_restart_positions():
+    from tokenmill.demo import train
+
+    samples = data.generate(40, seed=9, kinds={"tool_session": 1.0})
+    texts = [train.prompt_text(_plain_template(), s) + s.completion for s in samples]
+    tok = demo_tok.train_tokenizer(texts, 700)
+    hf = demo_tok.to_transformers(tok)
+    s = samples[0]
+    prompt = train.prompt_text(hf, s)
+    spans = train.learned_spans(prompt)
+    assert len(spans) == sum(m["role"] == "assistant" for m in s.messages)
+    assert all(prompt[b - len("<|im_end|>"):b] == "<|im_end|>" for a, b in spans)
+    (ids, labels), = train.encode(tok, hf, [s])
+    learned = tok.decode([t for t in labels if t != train.IGNORE], skip_special_tokens=False)
+    # each earlier turn is learned but for its first token; the completion in full
+    answers = [m["content"] for m in s.messages if m["role"] == "assistant" and m["content"]]
+    assert all(a.split(" ", 1)[1] in learned for a in answers)
+    assert learned.endswith(s.completion + "<|im_end|>")
+    assert "<|im_start|>" not in learned and "<tool_response>" not in learned
+    encoded = train.encode(tok, hf, samples)
+    x, y, pos = train.pack(encoded, 1024, 0, seed=0)
+    assert x.shape == y.shape == pos.shape and x.shape[1] == 1024
+    starts = (pos == 0).sum().item()
+    assert starts >= len(samples)      # one per sample (and one per padded tail)
+    row = pos[0].tolist()
+    assert all(b == a + 1 or b == 0 for a, b in zip(row, row[1:]))
+
+
+def _plain_template():
+    return demo_tok.to_transformers(demo_tok.train_tokenizer(["x"], 300))

@@ -227,3 +227,40 @@ def tools_without_calculator(rng: random.Random) -> list[dict]:
     """One to three tools, none of which computes arithmetic."""
     kinds = rng.sample([k for k in MAKERS if k != "calculator"], rng.choice([1, 2, 3]))
     return [MAKERS[k](rng)[0] for k in kinds]
+
+
+def _round(rng: random.Random, kind: str, info: dict, name: str) -> tuple[str, dict, list[dict],
+                                                                         str]:
+    """One exchange: (question, assistant message with the call, tool message, answer)."""
+    q, args, facts = _question(rng, kind, info)
+    content, answer, _ = _result(rng, kind, facts)
+    call = {"id": f"call_{rng.randrange(16 ** 8):08x}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+    return q, args, [{"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": content}], answer
+
+
+def tool_session(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+    """A conversation of two to four tool exchanges over one tool list (for training).
+
+    Every assistant turn in it is learned, so one system prompt (most of a tool sample's
+    tokens) pays for several calls, each copying a different city, ticker or expression."""
+    kinds = rng.sample(list(MAKERS), rng.choice([1, 2, 2, 3]))
+    tools, info, names = [], {}, {}
+    for k in kinds:
+        tool, info[k] = MAKERS[k](rng)
+        tools.append(tool)
+        names[k] = tool["function"]["name"]
+    messages: list[dict] = []
+    for _ in range(rng.choice([1, 2, 2, 3])):
+        kind = rng.choice(kinds)
+        q, _, turns, answer = _round(rng, kind, info[kind], names[kind])
+        messages += [{"role": "user", "content": q}] + turns + \
+            [{"role": "assistant", "content": answer}]
+    kind = rng.choice(kinds)
+    q, args, turns, answer = _round(rng, kind, info[kind], names[kind])
+    messages.append({"role": "user", "content": q})
+    if rng.random() < 0.6:
+        return messages, call_text(names[kind], args), tools, \
+            {"tool": names[kind], "arguments": args}
+    return messages + turns, answer, tools, {}

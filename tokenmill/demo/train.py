@@ -5,8 +5,8 @@
 Everything is seeded (data, tokenizer, initialisation, batch order), so the same command gives
 the same model up to floating-point noise. The model is transformers' ``Qwen3ForCausalLM``
 built from a config (that guarantees the Hugging Face format); the loop is plain PyTorch:
-AdamW, linear warm-up then cosine decay, gradient clipping, whole samples packed into rows, the
-loss only on assistant tokens (chat) or on all tokens (stories).
+AdamW, linear warm-up then cosine decay, gradient clipping, whole samples packed into rows (each
+attending only to itself), the loss only on assistant tokens (chat) or on all tokens (stories).
 """
 
 from __future__ import annotations
@@ -54,35 +54,68 @@ def prompt_text(hf_tok, s: data.Sample) -> str:
                                       add_generation_prompt=True, enable_thinking=s.thinking)
 
 
+def learned_spans(prompt: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns already in a rendered prompt (content and
+    ``<|im_end|>``); the open generation prompt at the end is not one."""
+    head, end_tag, spans = "<|im_start|>assistant\n", "<|im_end|>", []
+    i = prompt.find(head)
+    while i != -1:
+        start = i + len(head)
+        end = prompt.find(end_tag, start)
+        if end == -1:
+            break
+        spans.append((start, end + len(end_tag)))
+        i = prompt.find(head, end)
+    return spans
+
+
 def encode(tok, hf_tok, samples: list[data.Sample]) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per sample; prompt and completion encoded apart, as at inference."""
+    """(input ids, labels) per sample; prompt and completion encoded apart, as at inference.
+
+    The loss is on the completion and on every earlier assistant turn, except each earlier
+    turn's first token: that one decides between opening a ``<think>`` block and answering,
+    which only the generation prompt (thinking on or off) can tell."""
     eos, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
-    prompts = tok.encode_batch([prompt_text(hf_tok, s) for s in samples])
+    texts = [prompt_text(hf_tok, s) for s in samples]
+    prompts = tok.encode_batch(texts)
     completions = tok.encode_batch([s.completion for s in samples])
     out = []
-    for s, p, c in zip(samples, prompts, completions):
+    for s, text, p, c in zip(samples, texts, prompts, completions):
+        labels = [IGNORE] * len(p.ids)
+        for start, end in learned_spans(text):
+            inside = [k for k, (a, b) in enumerate(p.offsets) if a >= start and b <= end]
+            for k in inside[1:]:
+                labels[k] = p.ids[k]
         tail = c.ids + [eot if s.kind == "story" else eos]
-        out.append((p.ids + tail, [IGNORE] * len(p.ids) + tail))
+        out.append((p.ids + tail, labels + tail))
     return out
 
 
-def pack(encoded, seq_len: int, pad_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole samples, in a seeded order, packed greedily into rows of ``seq_len`` tokens."""
+def pack(encoded, seq_len: int, pad_id: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Whole samples, in a seeded order, packed greedily into rows of ``seq_len`` tokens:
+    (inputs, labels, position ids). Positions restart at each sample, which makes transformers
+    mask attention to the sample itself, as at inference."""
     order = list(range(len(encoded)))
     random.Random(seed).shuffle(order)
-    rows_x, rows_y, x, y = [], [], [], []
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    x: list[int] = []
+    y: list[int] = []
+    pos: list[int] = []
+
+    def close() -> None:
+        pad = seq_len - len(x)
+        rows.append((x + [pad_id] * pad, y + [IGNORE] * pad, pos + list(range(pad))))
+
     for i in order:
         ids, labels = encoded[i]
         ids, labels = ids[:seq_len], labels[:seq_len]
         if len(x) + len(ids) > seq_len:
-            rows_x.append(x + [pad_id] * (seq_len - len(x)))
-            rows_y.append(y + [IGNORE] * (seq_len - len(y)))
-            x, y = [], []
-        x, y = x + ids, y + labels
+            close()
+            x, y, pos = [], [], []
+        x, y, pos = x + ids, y + labels, pos + list(range(len(ids)))
     if x:
-        rows_x.append(x + [pad_id] * (seq_len - len(x)))
-        rows_y.append(y + [IGNORE] * (seq_len - len(y)))
-    return torch.tensor(rows_x), torch.tensor(rows_y)
+        close()
+    return tuple(torch.tensor([r[k] for r in rows]) for k in range(3))
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -101,11 +134,11 @@ def build_data(args):
     tok = demo_tok.train_tokenizer(texts, args.vocab_size)
     hf_tok = demo_tok.to_transformers(tok)
     encoded = encode(tok, hf_tok, samples)
-    x, y = pack(encoded, args.seq_len, tok.token_to_id("<|endoftext|>"), args.seed)
-    return samples, tok, texts, x, y
+    x, y, pos = pack(encoded, args.seq_len, tok.token_to_id("<|endoftext|>"), args.seed)
+    return samples, tok, texts, x, y, pos
 
 
-def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None,
+def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_checkpoint=None,
           state: dict | None = None) -> list[float]:
     """The loop. Every ``args.save_every`` steps ``on_checkpoint(step, optimizer, losses)`` is
     called; ``state`` (model, optimizer, step, losses) resumes a run where it stopped."""
@@ -130,11 +163,11 @@ def train(model, x: torch.Tensor, y: torch.Tensor, args, on_checkpoint=None,
     bar = tqdm(range(start, steps), desc="train", initial=start, total=steps, mininterval=5)
     for step in bar:
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-        xb, yb = x[idx], y[idx]
+        xb, yb, pb = x[idx], y[idx], pos[idx]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=xb).logits            # [B, T, V]
+            logits = model(input_ids=xb, position_ids=pb, use_cache=False).logits  # [B, T, V]
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                yb[:, 1:].reshape(-1), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
@@ -205,7 +238,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    samples, tok, texts, x, y = build_data(args)
+    samples, tok, texts, x, y, pos = build_data(args)
     ids = {t: tok.token_to_id(t) for t in demo_tok.SPECIAL_TOKENS}
     print(f"data: {len(samples)} samples, vocab {tok.get_vocab_size()}, {x.shape[0]} rows of "
           f"{x.shape[1]} ({(y != IGNORE).sum().item()} trained tokens) in {time.time() - t0:.0f}s",
@@ -236,7 +269,7 @@ def main(argv=None) -> None:
         if state["args"] != _run_args(args):
             raise ValueError(f"{resume_path} was written with other arguments: {state['args']}")
         print(f"resuming at step {state['step']}", flush=True)
-    losses = train(model, x, y, args, on_checkpoint, state)
+    losses = train(model, x, y, pos, args, on_checkpoint, state)
     save(model, tok, out, args.save_dtype)
     n_checked = demo_tok.check_same_ids(tok, out, texts[:2000])
     resume_path.unlink(missing_ok=True)
