@@ -6,9 +6,10 @@ import os as _os
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-# oneDNN picks AMX kernels for bf16 matmuls when the CPU advertises AMX, and some virtual
-# machines advertise it without allowing it (SIGILL). AVX-512 bf16 is the fast path that runs
-# everywhere it is advertised; oneDNN reads this before its first matmul.
+# oneDNN picks AMX kernels for bf16 matmuls when the CPU advertises AMX, and sizes the tiles from
+# CPUID leaf 0x1D, which some virtual machines report as zeros: its empty tiles then die on SIGILL.
+# AVX-512 bf16 runs everywhere it is advertised; oneDNN reads this before its first matmul.
+# (tokenmill's own AMX kernel, worker/csrc/linear_amx.c, configures the tiles itself.)
 _os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402

@@ -145,3 +145,43 @@ def test_amx_needs_k_multiple_of_32_and_can_be_switched_off(monkeypatch):
     assert not cpu_kernels.amx_supported(torch.zeros(32, 64, dtype=torch.float32))
     monkeypatch.setenv("TOKENMILL_AMX", "0")
     assert not cpu_kernels.amx_supported(torch.zeros(32, 64, dtype=torch.bfloat16))
+
+
+ELEMENTWISE = cpu_kernels.elementwise_supported(torch.zeros(1, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not ELEMENTWISE, reason="no AVX-512 bf16 on this CPU")
+@pytest.mark.parametrize("t,d", [(1, 64), (7, 100), (300, 512)])
+def test_fused_add_rmsnorm_and_silu_mul_round_as_torch(t, d):
+    """Same bf16 roundings as the torch ops they replace: equal but where a row's sum order
+    or exp's last bit moves a value across a rounding boundary (one bf16 step, rare)."""
+    from tokenmill.models.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(t * d)
+    x = (torch.randn(t, d + 8, generator=gen) * 3).to(torch.bfloat16)[:, 8:]   # strided rows
+    delta = torch.randn(t, d, generator=gen).to(torch.bfloat16)
+    norm = RMSNorm(d, 1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(d, generator=gen) + 0.5)
+        want_res = x + delta
+        want = norm._norm(want_res)
+        got, res = cpu_kernels.add_rmsnorm(x, delta, norm.weight, 1e-6)
+        assert torch.equal(res, want_res)
+        assert (got == want).float().mean() > 0.99
+        torch.testing.assert_close(got, want, atol=0, rtol=1 / 64)
+        assert torch.equal(norm(x, delta)[1], want_res)   # the module takes the fused path
+        alone, same = cpu_kernels.add_rmsnorm(x, None, norm.weight, 1e-6)
+        assert same.data_ptr() == x.data_ptr() or torch.equal(same, x)
+        torch.testing.assert_close(alone, norm._norm(x), atol=0, rtol=1 / 64)
+
+        gu = (torch.randn(t, 2 * d, generator=gen) * 4).to(torch.bfloat16)
+        want = torch.nn.functional.silu(gu[:, :d]) * gu[:, d:]
+        got = cpu_kernels.silu_mul(gu)
+        assert (got == want).float().mean() > 0.99
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1 / 64)
+
+
+def test_elementwise_refuses_other_dtypes_and_the_switch(monkeypatch):
+    assert not cpu_kernels.elementwise_supported(torch.zeros(4, 8))
+    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")
+    assert not cpu_kernels.elementwise_supported(torch.zeros(4, 8, dtype=torch.bfloat16))

@@ -199,7 +199,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {c} | {ls} | {tf} | {r['roofline_share'] * 100:.0f}% |")
     roof, m = report["roofline"], report["machine"]
     lines += ["", f"Machine: GEMM {m['bf16_gemm_gflops']:.0f} GFLOP/s in bf16, "
-              f"{m['fp32_gemm_gflops']:.0f} in float32; memory copy "
+              f"{m['fp32_gemm_gflops']:.0f} in float32"
+              + (f", {m['amx_gemm_gflops']:.0f} on tokenmill's AMX kernel"
+                 if m.get("amx_gemm_gflops") else "") + "; memory copy "
               f"{m['copy_gbps']:.1f} GB/s. Bounds for this workload: "
               f"{roof['large_batch_out_tok_s']:.0f} output tok/s at large batch (compute), "
               f"{roof['batch1_out_tok_s']:.0f} at batch 1 (weights read once per step)."]

@@ -1,8 +1,8 @@
 """What this machine can do, and the bound that puts on a serving workload.
 
 Two measured rates: the dense GEMM rate (GFLOP/s, on a matmul of the model's own MLP shape, in
-bf16 and in float32; the faster one bounds compute, as the engine may use either) and the
-memory copy bandwidth (GB/s). Two bounds on output tokens/s:
+bf16 and in float32, and on tokenmill's AMX kernel where the CPU has AMX; the fastest bounds
+compute, as the engine may use any) and the memory copy bandwidth (GB/s). Two bounds on output tokens/s:
 
 * large batch (compute bound): every prompt and output token costs ``2 * matmul params`` FLOPs
   (the lm_head only for output tokens) plus attention over its context; the workload's FLOPs
@@ -22,6 +22,7 @@ class Machine:
     copy_gbps: float        # bytes read + written per second by a large tensor copy
     bf16_gemm_gflops: float = 0.0   # the model's MLP shape at 512 rows, bf16 weights
     fp32_gemm_gflops: float = 0.0   # the same in float32 (faster on CPUs without AMX)
+    amx_gemm_gflops: float = 0.0    # the same on tokenmill's AMX kernel (0: no usable AMX)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,12 +53,20 @@ def measure_machine(hidden: int, intermediate: int, rows: int = 512,
         rates[dtype] = flops / min(
             _best_of(lambda: torch.nn.functional.linear(a, w), repeats),
             _best_of(lambda: torch.mm(a, w_t), repeats)) / 1e9
+    from tokenmill.worker import cpu_kernels
+
+    w = torch.randn(intermediate, hidden, dtype=torch.bfloat16)
+    if cpu_kernels.amx_supported(w):
+        a, packed = torch.randn(rows, hidden, dtype=torch.bfloat16), cpu_kernels.pack_linear(w)
+        rates["amx"] = flops / _best_of(
+            lambda: cpu_kernels.linear(a, packed, None, intermediate, amx=True), repeats) / 1e9
     src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     t = _best_of(lambda: dst.copy_(src), repeats)
     return Machine(gemm_gflops=max(rates.values()), copy_gbps=2 * src.numel() / t / 1e9,
                    bf16_gemm_gflops=rates[torch.bfloat16],
-                   fp32_gemm_gflops=rates[torch.float32])
+                   fp32_gemm_gflops=rates[torch.float32],
+                   amx_gemm_gflops=rates.get("amx", 0.0))
 
 
 @dataclass

@@ -29,7 +29,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rmsnorm(x); with ``residual``, (rmsnorm(x + residual), x + residual): the residual
+        add fused into the norm that follows it (one pass on CPU in bf16)."""
+        if self.weight.dtype == x.dtype and cpu_kernels.elementwise_supported(x):
+            d = x.shape[-1]
+            y, r = cpu_kernels.add_rmsnorm(
+                x.reshape(-1, d), None if residual is None else residual.reshape(-1, d),
+                self.weight, self.eps)
+            return y.view(x.shape) if residual is None else (y.view(x.shape), r.view(x.shape))
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: as HF: normalize in float32, cast back, *then* scale (bf16 rounding matches).
         dtype = x.dtype
         x = x.float()
@@ -214,7 +228,10 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)   # [T, I] each
+        gate_up = self.gate_up_proj(x)                     # [T, 2I]
+        if cpu_kernels.elementwise_supported(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)                # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -4,6 +4,9 @@
     for each layer:  x = x + attn(rmsnorm(x));  x = x + mlp(rmsnorm(x))
     logits = lm_head(rmsnorm(x))
 
+(In code each residual add is fused into the norm after it: a layer takes and returns the
+last sublayer's output and the residual stream before it, as vLLM's layers do.)
+
 Mistral, Qwen2 and Qwen3 are this model with a few switches; their files subclass these
 classes and override ``attention_options`` / ``get_sliding_window``.
 """
@@ -28,12 +31,17 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size,
                             bias=getattr(config, "mlp_bias", False))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it) from the previous layer's pair."""
+        if residual is None:                     # the first layer: x is the embedding
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -50,9 +58,10 @@ class LlamaModel(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                         # x: [T, hidden]
         cos, sin = self.rotary_emb(positions, x.dtype)           # cos, sin: [T, 1, D]
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
 
 @register("LlamaForCausalLM")

@@ -104,6 +104,11 @@ def _load():
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                    ctypes.c_int64, ctypes.c_int64]
+                lib.add_rmsnorm_bf16.restype = lib.silu_mul_bf16.restype = ctypes.c_int
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                lib.add_rmsnorm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr,
+                                                 i64, ptr, i64, i64, i64]
+                lib.silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
                 _loaded["amx"] = _amx_works(lib)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
@@ -207,4 +212,51 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
             out_features, k)
     if rc != 0:
         raise RuntimeError(f"{'linear_bf16_amx' if amx else 'linear_bf16_vnni'} failed ({rc})")
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise steps of a decoder block (bf16)
+
+
+def elementwise_supported(x: torch.Tensor) -> bool:
+    """Whether ``add_rmsnorm`` / ``silu_mul`` serve this activation here (bf16 on a CPU with
+    AVX-512 bf16)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not enabled():
+        return False
+    lib = _load()
+    return lib is not None and bool(lib.has_elementwise_bf16())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(r), r) with r = x + delta (or x when delta is None); x, delta [T, D] bf16,
+    weight [D] bf16. Rounds as transformers' bf16 RMSNorm and residual add do."""
+    x = _rows(x)
+    T, D = x.shape
+    y = torch.empty(T, D, dtype=x.dtype)
+    res = x if delta is None else torch.empty(T, D, dtype=x.dtype)
+    delta = None if delta is None else _rows(delta)
+    rc = _loaded["lib"].add_rmsnorm_bf16(
+        x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
+        0 if delta is None else delta.stride(0), weight.data_ptr(), eps, res.data_ptr(),
+        res.stride(0), y.data_ptr(), y.stride(0), T, D)
+    if rc != 0:
+        raise RuntimeError(f"add_rmsnorm_bf16 failed ({rc})")
+    return y, res
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] ([T, 2I] bf16) -> [T, I]."""
+    gate_up = _rows(gate_up)
+    T, I2 = gate_up.shape
+    y = torch.empty(T, I2 // 2, dtype=gate_up.dtype)
+    rc = _loaded["lib"].silu_mul_bf16(gate_up.data_ptr(), gate_up.stride(0), y.data_ptr(),
+                                      y.stride(0), T, I2 // 2)
+    if rc != 0:
+        raise RuntimeError(f"silu_mul_bf16 failed ({rc})")
     return y

@@ -27,7 +27,7 @@ GPU_MEMORY_FRACTION = 0.9
 # else from CPU_FP32_GEMM_MIN_ROWS on float32 weight copies (MKL's fp32 GEMM beats oneDNN's bf16
 # one without AMX); fewer rows on packed bf16 weights (the native kernel, else oneDNN); when the
 # extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
-CPU_AMX_MIN_ROWS = 4
+CPU_AMX_MIN_ROWS = 8
 CPU_FP32_GEMM_MIN_ROWS = 32
 CPU_GEMM_MAX_BYTES = 6 * GiB
 
