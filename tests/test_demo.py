@@ -36,9 +36,9 @@ def test_arithmetic_answers_and_held_out_pairs():
     assert data.worked_answer("+", 37, 48) == \
         "7 + 8 = 15, carry 1. 3 + 4 + 1 = 8. So 37 + 48 = 85."
     assert data.worked_answer("-", 96, 49) == \
-        "16 - 9 = 7, borrow 1. 9 - 1 - 4 = 4. So 96 - 49 = 47."
-    assert data.worked_answer("-", 33, 68) == \
-        "68 is larger than 33, so I compute 68 - 33. 8 - 3 = 5. 6 - 3 = 3. So 33 - 68 = -35."
+        "96 - 49: 6 - 9 needs a borrow: 16 - 9 = 7. 9 - 1 - 4 = 4. So 96 - 49 = 47."
+    assert data.worked_answer("-", 33, 68) == ("33 - 68: 33 is smaller, so I compute 68 - 33. "
+                                               "8 - 3 = 5. 6 - 3 = 3. So 33 - 68 = -35.")
     assert data.thinking_steps("+", 37, 48).splitlines()[1:] == [
         "Ones: 7 + 8 = 15. Write 5, carry 1.", "Tens: 3 + 4 + 1 = 8.", "So 37 + 48 = 85."]
 

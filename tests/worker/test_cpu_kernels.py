@@ -181,6 +181,23 @@ def test_fused_add_rmsnorm_and_silu_mul_round_as_torch(t, d):
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1 / 64)
 
 
+@pytest.mark.skipif(not ELEMENTWISE, reason="no AVX-512 bf16 on this CPU")
+@pytest.mark.parametrize("d", [16, 64, 80])
+def test_fused_rope_rounds_as_torch(d):
+    from tokenmill.models.layers import RotaryEmbedding, apply_rope
+
+    gen = torch.Generator().manual_seed(d)
+    rotary = RotaryEmbedding(d, {"rope_type": "default", "rope_theta": 10000.0}, 4096)
+    cos, sin = rotary(torch.tensor([0, 5, 17, 300, 4000]), torch.bfloat16)
+    qkv = torch.randn(5, 7, d, generator=gen).to(torch.bfloat16)
+    x = qkv[:, :5]                                     # q|k heads of a fused qkv: strided
+    half = d // 2
+    want = x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
+    got = cpu_kernels.rope(x, cos, sin)
+    assert torch.equal(got, want)                      # every rounding where torch's is
+    assert torch.equal(apply_rope(x, cos, sin), want)
+
+
 def test_elementwise_refuses_other_dtypes_and_the_switch(monkeypatch):
     assert not cpu_kernels.elementwise_supported(torch.zeros(4, 8))
     monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")

@@ -92,11 +92,13 @@ def _worked_add(a: int, b: int) -> str:
 
 
 def _worked_sub(a: int, b: int) -> str:   # a >= b
+    # NOTE: the borrow is decided right after both ones digits are written ("2 - 3 needs a
+    # borrow"), not before them ("12 - 3"): a model this small then gets it right.
     if a % 10 >= b % 10:
         return f"{a % 10} - {b % 10} = {a % 10 - b % 10}. {a // 10} - {b // 10} = " \
                f"{a // 10 - b // 10}."
-    return (f"{a % 10 + 10} - {b % 10} = {a % 10 + 10 - b % 10}, borrow 1. "
-            f"{a // 10} - 1 - {b // 10} = {a // 10 - 1 - b // 10}.")
+    return (f"{a % 10} - {b % 10} needs a borrow: {a % 10 + 10} - {b % 10} = "
+            f"{a % 10 + 10 - b % 10}. {a // 10} - 1 - {b // 10} = {a // 10 - 1 - b // 10}.")
 
 
 def worked_answer(op: str, a: int, b: int) -> str:
@@ -108,9 +110,9 @@ def worked_answer(op: str, a: int, b: int) -> str:
     if op == "+":
         steps = _worked_add(a, b)
     elif op == "-" and a >= b:
-        steps = _worked_sub(a, b)
-    elif op == "-":
-        steps = f"{b} is larger than {a}, so I compute {b} - {a}. {_worked_sub(b, a)}"
+        steps = f"{a} - {b}: {_worked_sub(a, b)}"
+    elif op == "-":   # the comparison comes after both numbers, as the borrow does
+        steps = f"{a} - {b}: {a} is smaller, so I compute {b} - {a}. {_worked_sub(b, a)}"
     else:
         return answer_line(op, a, b)
     return f"{steps} So {answer_line(op, a, b)}"
@@ -130,7 +132,7 @@ def _column_sub(a: int, b: int) -> list[str]:
         steps = [f"Ones: {a % 10} - {b % 10} = {a % 10 - b % 10}."]
         tens = f"Tens: {a // 10} - {b // 10} = {a // 10 - b // 10}."
     else:
-        steps = [f"Ones: {a % 10} is less than {b % 10}, so borrow 1: "
+        steps = [f"Ones: {a % 10} - {b % 10} needs a borrow: "
                  f"{a % 10 + 10} - {b % 10} = {a % 10 + 10 - b % 10}."]
         tens = f"Tens: {a // 10} - 1 - {b // 10} = {a // 10 - 1 - b // 10}."
     return steps + [tens]
@@ -143,8 +145,9 @@ def thinking_steps(op: str, a: int, b: int) -> str:
     elif op == "-" and a >= b:
         steps = [f"I need to subtract {b} from {a}."] + _column_sub(a, b)
     elif op == "-":
-        steps = [f"{b} is larger than {a}, so the result is negative: I compute {b} - {a} "
-                 "and change the sign."] + _column_sub(b, a) + [f"{b} - {a} = {b - a}."]
+        steps = [f"I need to subtract {b} from {a}. {a} is smaller, so the result is "
+                 f"negative: I compute {b} - {a} and change the sign."] + _column_sub(b, a) + \
+            [f"{b} - {a} = {b - a}."]
     else:
         big, small = (a, b) if a >= b else (b, a)
         steps = [f"I need to multiply {a} by {b}."]

@@ -47,9 +47,19 @@ def _str(description: str) -> dict:
     return {"type": "string", "description": description}
 
 
+# Each function name comes with its own parameter name, as real APIs do: the model looks the
+# name up in the listed tools, and the name settles the parameter.
+WEATHER_NAMES = {"get_weather": "city", "get_current_weather": "location",
+                 "weather_lookup": "city", "lookup_weather": "location"}
+CLOCK_NAMES = {"get_time": "city", "get_current_time": "location", "clock": "city",
+               "current_time": "location"}
+CALCULATOR_NAMES = {"calculator": "expression", "calculate": "expression", "evaluate": "expr",
+                    "math": "expr"}
+
+
 def weather_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(["get_weather", "get_current_weather", "weather_lookup", "lookup_weather"])
-    place = rng.choice(["city", "location"])
+    name = rng.choice(list(WEATHER_NAMES))
+    place = WEATHER_NAMES[name]
     props = {place: _str(rng.choice(["The city name, e.g. Paris", "The city to look up",
                                      "City name"]))}
     unit = rng.random() < 0.5
@@ -61,16 +71,16 @@ def weather_tool(rng: random.Random) -> tuple[dict, dict]:
 
 
 def clock_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(["get_time", "get_current_time", "clock", "current_time"])
-    place = rng.choice(["city", "location"])
+    name = rng.choice(list(CLOCK_NAMES))
+    place = CLOCK_NAMES[name]
     desc = rng.choice(["Get the current local time in a city.", "Tell the time.",
                        "Return the current time for a location."])
     return _fn(name, desc, {place: _str("The city, e.g. Tokyo")}, [place]), {"place": place}
 
 
 def calculator_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(["calculator", "calculate", "evaluate", "math"])
-    arg = rng.choice(["expression", "expr"])
+    name = rng.choice(list(CALCULATOR_NAMES))
+    arg = CALCULATOR_NAMES[name]
     desc = rng.choice(["Evaluate an arithmetic expression.", "A calculator.",
                        "Compute the value of a math expression."])
     return _fn(name, desc, {arg: _str("e.g. 12 * 34")}, [arg]), {"arg": arg}

@@ -124,6 +124,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) (neox style: the two
     halves of D form the rotated pairs); ``sin`` carries rotate_half's sign.
     x: [T, H, D]; cos, sin: [T, 1, D]."""
+    if cos.dtype == x.dtype and cpu_kernels.elementwise_supported(x):
+        return cpu_kernels.rope(x, cos, sin)
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)   # [T, H, D]
     return x * cos + swapped * sin

@@ -109,6 +109,8 @@ def _load():
                 lib.add_rmsnorm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr,
                                                  i64, ptr, i64, i64, i64]
                 lib.silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
+                lib.rope_bf16.restype = ctypes.c_int
+                lib.rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
                 _loaded["amx"] = _amx_works(lib)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
@@ -259,4 +261,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
                                       y.stride(0), T, I2 // 2)
     if rc != 0:
         raise RuntimeError(f"silu_mul_bf16 failed ({rc})")
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x [T, NH, D] bf16 (heads contiguous within a token),
+    cos and sin [T, 1, D] (sin's first half negated) -> [T, NH, D]."""
+    T, NH, D = x.shape
+    if x.stride(2) != 1 or x.stride(1) != D:
+        x = x.contiguous()
+    cos, sin = cos.reshape(T, D).contiguous(), sin.reshape(T, D).contiguous()
+    y = torch.empty(T, NH, D, dtype=x.dtype)
+    rc = _loaded["lib"].rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
+                                  y.data_ptr(), T, NH, D)
+    if rc != 0:
+        raise RuntimeError(f"rope_bf16 failed ({rc})")
     return y

@@ -10,6 +10,7 @@
  *   rmsnorm:   t = bf16(x * rsqrt(mean(x^2) + eps)) in fp32, y = bf16(w * t)
  *   add:       r = bf16(x + delta)                   (the residual stream)
  *   silu_mul:  y = bf16(bf16(g / (1 + e^-g)) * u)
+ *   rope:      y = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))   (sin carries the sign)
  */
 #include <stdint.h>
 
@@ -105,6 +106,34 @@ int silu_mul_bf16(const uint16_t *gu, int64_t gu_stride, uint16_t *y, int64_t y_
     return 0;
 }
 
+/* Rotary embedding, neox style (the halves of D are the rotated pairs), for T tokens of NH
+ * heads: x [T, NH, D] with tokens x_stride apart and heads D apart; cos, sin [T, D] with sin's
+ * first half negated (see layers.RotaryEmbedding); y [T, NH, D] contiguous. */
+int rope_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const uint16_t *sin,
+              uint16_t *y, int64_t T, int64_t NH, int64_t D) {
+    const int64_t half = D / 2;
+    if (D % 2) return -1;
+#pragma omp parallel for schedule(static) if (T * NH * D >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < NH; h++) {
+            const uint16_t *xr = x + t * x_stride + h * D;
+            uint16_t *yr = y + (t * NH + h) * D;
+            for (int64_t i = 0; i < half; i += 16) {
+                const __mmask16 k = tail(half, i);
+                const __m512 x1 = load_bf16(xr + i, k), x2 = load_bf16(xr + half + i, k);
+                const __m512 c1 = load_bf16(c + i, k), c2 = load_bf16(c + half + i, k);
+                const __m512 s1 = load_bf16(s + i, k), s2 = load_bf16(s + half + i, k);
+                store_bf16(yr + i, k, _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, c1)),
+                                                    round_bf16(_mm512_mul_ps(x2, s1))));
+                store_bf16(yr + half + i, k, _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c2)),
+                                                           round_bf16(_mm512_mul_ps(x1, s2))));
+            }
+        }
+    }
+    return 0;
+}
+
 int has_elementwise_bf16(void) { return 1; }
 
 #else
@@ -119,6 +148,11 @@ int add_rmsnorm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *delta,
 int silu_mul_bf16(const uint16_t *gu, int64_t gu_stride, uint16_t *y, int64_t y_stride,
                   int64_t T, int64_t I) {
     (void)gu; (void)gu_stride; (void)y; (void)y_stride; (void)T; (void)I;
+    return -1;
+}
+int rope_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const uint16_t *sin,
+              uint16_t *y, int64_t T, int64_t NH, int64_t D) {
+    (void)x; (void)x_stride; (void)cos; (void)sin; (void)y; (void)T; (void)NH; (void)D;
     return -1;
 }
 int has_elementwise_bf16(void) { return 0; }
