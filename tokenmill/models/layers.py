@@ -142,7 +142,7 @@ class Linear(nn.Linear):
     the weight on every call. So (BENCHMARKS.md):
 
     * where the CPU has AMX (``cpu_kernels.amx_supported``), from ``amx_min_rows`` rows on, the
-      native AMX kernel on a packed copy: 3-12x MKL's fp32 GEMM;
+      native AMX kernel on a packed copy: 1.5-8x MKL's fp32 GEMM from 16 rows;
     * otherwise, from ``fp32_min_rows`` rows on, MKL's fp32 GEMM on an ``[in, out]`` float32
       copy: 1.3-2x faster than oneDNN. Same result up to summation order: bf16 x bf16 products
       are exact in fp32, all of these accumulate in fp32 and round to bf16 once;
