@@ -239,9 +239,12 @@ def tools_without_calculator(rng: random.Random) -> list[dict]:
     return [MAKERS[k](rng)[0] for k in kinds]
 
 
-def _round(rng: random.Random, kind: str, info: dict, name: str) -> tuple[str, dict, list[dict],
-                                                                         str]:
-    """One exchange: (question, assistant message with the call, tool message, answer)."""
+Exchange = tuple[str, dict, list[dict], str]
+
+
+def _round(rng: random.Random, kind: str, info: dict, name: str) -> Exchange:
+    """One exchange: (question, arguments, [assistant message with the call, tool message],
+    the answer that uses the result)."""
     q, args, facts = _question(rng, kind, info)
     content, answer, _ = _result(rng, kind, facts)
     call = {"id": f"call_{rng.randrange(16 ** 8):08x}", "type": "function",
