@@ -29,6 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).resolve().parent / "csrc").glob("*.c"))
+HEADERS = sorted((Path(__file__).resolve().parent / "csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 if platform.machine() in ("x86_64", "AMD64"):
     FLAGS.append("-mprefer-vector-width=512")   # gcc would otherwise auto-vectorize at 256
@@ -56,7 +57,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join(f.read_bytes() for f in SOURCES)
+    src = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     cpu = platform.machine() + (Path("/proc/cpuinfo").read_text(errors="ignore")
                                 if Path("/proc/cpuinfo").exists() else "")
     flags = [f for f in cpu.splitlines() if f.startswith("flags")][:1]
@@ -111,7 +112,6 @@ def _load():
                 lib.silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
                 lib.rope_bf16.restype = ctypes.c_int
                 lib.rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
-                _loaded["amx"] = _amx_works(lib)
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 logger.warning("building the CPU kernels failed (%s %s): their PyTorch paths "
@@ -185,8 +185,14 @@ def linear_supported(weight: torch.Tensor) -> bool:
 def amx_supported(weight: torch.Tensor) -> bool:
     """Whether ``linear_amx`` serves this weight here (``linear_supported``, AMX usable, the
     number of input features a multiple of 32; ``TOKENMILL_AMX=0`` says no)."""
-    return (linear_supported(weight) and weight.shape[1] % 32 == 0 and _loaded.get("amx", False)
-            and os.environ.get("TOKENMILL_AMX", "1") not in ("0", "false", "no"))
+    if (not linear_supported(weight) or weight.shape[1] % 32
+            or os.environ.get("TOKENMILL_AMX", "1") in ("0", "false", "no")):
+        return False
+    if "amx" not in _loaded:   # once, on first need: the probe starts a child process
+        with _lock:
+            if "amx" not in _loaded:
+                _loaded["amx"] = _amx_works(_loaded["lib"])
+    return _loaded["amx"]
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <math.h>
 
+#include "simd.h"
+
 static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
@@ -34,23 +36,6 @@ static inline void store_bf16(uint16_t *p, __mmask16 k, __m512 v) {
 
 static inline __mmask16 tail(int64_t n, int64_t i) {
     return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-}
-
-/* e^x, 2^n * 2^f with f in [-0.5, 0.5] by a degree-7 Taylor series (relative error < 1e-8). */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
 }
 
 static void norm_row(const uint16_t *x, const uint16_t *w, float eps, uint16_t *y, int64_t D) {
@@ -98,7 +83,7 @@ int silu_mul_bf16(const uint16_t *gu, int64_t gu_stride, uint16_t *y, int64_t y_
         for (int64_t i = 0; i < I; i += 16) {
             const __mmask16 k = tail(I, i);
             const __m512 gv = load_bf16(g + i, k);
-            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
             store_bf16(y + t * y_stride + i, k, _mm512_mul_ps(s, load_bf16(u + i, k)));
         }

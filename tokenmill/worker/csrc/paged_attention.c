@@ -115,6 +115,8 @@ int NAME(const T *q, int64_t q_stride, const T *cache, int64_t num_blocks, int b
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "simd.h"
 #define HAVE_AVX512_BF16 1
 
 /* The tokens [t, t + *cnt) of a sequence that share its block at t, and the first one's row.
@@ -125,24 +127,6 @@ static inline const uint16_t *block_run(const uint16_t *base, const int32_t *blo
     const int off = t % block_size;
     *cnt = block_size - off < len - t ? block_size - off : len - t;
     return base + ((int64_t)blocks[t / block_size] * block_size + off) * D;
-}
-
-/* e^x for x <= 0 (softmax after the max is subtracted): 2^n * 2^f with f in [-0.5, 0.5] and
- * 2^f = e^(f ln 2) by its Taylor series to degree 7 (relative error < 1e-8, below fp32's). */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));   /* below: 0 after scaling, no NaN */
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* The same computation, hand-vectorized for AVX-512 with bf16 dot products (head_dim a multiple
