@@ -202,3 +202,17 @@ def test_elementwise_refuses_other_dtypes_and_the_switch(monkeypatch):
     assert not cpu_kernels.elementwise_supported(torch.zeros(4, 8))
     monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0")
     assert not cpu_kernels.elementwise_supported(torch.zeros(4, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("b,v", [(1, 151_936), (5, 1000), (64, 37), (3, 1)])
+def test_bf16_argmax_matches_torch(b, v):
+    g = torch.Generator().manual_seed(b * v)
+    logits = (torch.randn(b, v + 3, generator=g) * 4).bfloat16()[:, :v]   # strided rows
+    # Ties (bf16 has few values near the top: torch keeps the first), -inf and NaN rows.
+    logits[0, v // 2] = logits[0, v // 3] = 1000.0
+    if b > 2:
+        logits[1] = float("-inf")
+        logits[2, v - 1] = float("nan")
+    got = cpu_kernels.argmax(logits)
+    assert got.dtype == torch.long
+    assert got.tolist() == logits.argmax(dim=-1).tolist() == logits.float().argmax(-1).tolist()

@@ -88,8 +88,9 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab] (matmul in the model dtype, as HF)."""
-        return self.lm_head(hidden).float()
+        """[N, hidden] -> logits [N, vocab] in the model dtype (as HF's matmul); the sampler
+        widens them to float32 only where it needs to."""
+        return self.lm_head(hidden)
 
     def use_cpu_gemm(self, fp32_min_rows: int, amx_min_rows: int) -> int:
         """Switch every Linear to the CPU bf16 fast paths (see ``layers.Linear``): AMX or fp32

@@ -112,6 +112,8 @@ def _load():
                 lib.silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
                 lib.rope_bf16.restype = ctypes.c_int
                 lib.rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+                lib.argmax_bf16.restype = ctypes.c_int
+                lib.argmax_bf16.argtypes = [ptr, i64, i64, i64, ptr]
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 logger.warning("building the CPU kernels failed (%s %s): their PyTorch paths "
@@ -283,3 +285,21 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise RuntimeError(f"rope_bf16 failed ({rc})")
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy sampling
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for [B, V] logits; bf16 CPU rows natively, without the float32
+    copy torch's path would make (ties and NaN as torch: the first index of the maximum)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or not enabled() \
+            or logits.stride(-1) != 1 or _load() is None:
+        return logits.argmax(dim=-1)
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long)
+    rc = _loaded["lib"].argmax_bf16(logits.data_ptr(), logits.stride(0), B, V, out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"argmax_bf16 failed ({rc})")
+    return out

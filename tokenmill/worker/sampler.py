@@ -22,6 +22,7 @@ import torch
 
 from tokenmill.engine.interfaces import TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker import cpu_kernels
 
 _NEG_INF = float("-inf")
 
@@ -47,7 +48,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]
                ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """Sample one token per row. ``logits``: [B, V] float32, row i belongs to ``rows[i]``.
+        """Sample one token per row. ``logits``: [B, V] (any float dtype; processed in float32),
+        row i belongs to ``rows[i]``.
 
         Returns the sampled token ids and, per row, its logprobs (None unless the row's
         ``params.logprobs`` is set). ``logits`` is not modified.
@@ -56,6 +58,11 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         if not rows:
             return [], []
+        if all(r.params.greedy and r.params.logprobs is None for r in rows) \
+                and not _needs_processing(rows):
+            # NOTE: the common serving case; argmax on the model-dtype logits is the same token
+            # and skips a float32 copy of [B, V] (see csrc/argmax.c).
+            return cpu_kernels.argmax(logits).tolist(), [None] * len(rows)
         logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
@@ -143,11 +150,11 @@ class Sampler:
 def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """min_tokens, logit_bias and penalties; returns ``logits`` itself when none applies,
     else a processed copy."""
+    if not _needs_processing(rows):
+        return logits
     need_min = any(len(r.output_token_ids) < r.params.min_tokens for r in rows)
     need_bias = any(r.params.logit_bias for r in rows)
     pen_rows = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
-    if not (need_min or need_bias or pen_rows):
-        return logits
     logits = logits.clone()
     if need_min:
         _apply_min_tokens(logits, rows)
@@ -156,6 +163,11 @@ def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     if pen_rows:
         _apply_penalties(logits, rows, pen_rows)
     return logits
+
+
+def _needs_processing(rows: list[SamplingRow]) -> bool:
+    return any(len(r.output_token_ids) < r.params.min_tokens or r.params.logit_bias
+               or _has_penalty(r.params) for r in rows)
 
 
 def _has_penalty(p: SamplingParams) -> bool:
