@@ -124,10 +124,11 @@ AMX = cpu_kernels.amx_supported(torch.zeros(32, 32, dtype=torch.bfloat16))
 
 
 @pytest.mark.skipif(not AMX, reason="no usable AMX on this CPU")
-@pytest.mark.parametrize("m", [1, 16, 31, 32, 33, 100, 300])
+@pytest.mark.parametrize("m", [1, 16, 31, 32, 33, 48, 100, 300])
 @pytest.mark.parametrize("n,k,bias", [(48, 64, True), (1000, 512, False), (37, 96, True)])
 def test_amx_linear_matches_float32_reference(m, n, k, bias):
-    """Tiles over ragged rows (a zero-padded last block) and columns (a padded weight)."""
+    """Tiles over ragged rows (a zero-padded last block of one or two A tiles) and columns (a
+    padded weight)."""
     gen = torch.Generator().manual_seed(m * n + 1)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     b = torch.randn(n, generator=gen) if bias else None

@@ -26,8 +26,9 @@ GPU_MEMORY_FRACTION = 0.9
 # bf16 on CPU: matmuls of CPU_AMX_MIN_ROWS rows or more run on AMX tiles where the CPU has them;
 # else from CPU_FP32_GEMM_MIN_ROWS on float32 weight copies (MKL's fp32 GEMM beats oneDNN's bf16
 # one without AMX); fewer rows on packed bf16 weights (the native kernel, else oneDNN); when the
-# extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md.
-CPU_AMX_MIN_ROWS = 8
+# extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md (AMX vs the AVX-512
+# kernel on weights not in cache: 0.96-1.05x at 4 rows, 1.06-1.16x at 6, 1.2-1.4x at 8).
+CPU_AMX_MIN_ROWS = 6
 CPU_FP32_GEMM_MIN_ROWS = 32
 CPU_GEMM_MAX_BYTES = 6 * GiB
 
