@@ -93,5 +93,8 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     for c, v in report["results"]["tokenmill"].items():
         assert (v["failed"], v["completed"]) == (0, {"1": 4, "4": 8}[c])
     assert report["roofline"]["large_batch_out_tok_s"] > 0
-    assert report["shared_prefix"]["on"]["completed"] == 2
+    sp = report["shared_prefix"]
+    assert sp["on"]["completed"] == 2
+    assert sp["ttft_off_over_on"] == sp["off"]["median_ttft_ms"] / sp["on"]["median_ttft_ms"]
+    assert "median TTFT" in table.read_text()
     assert "| 4 | tokenmill |" in table.read_text()
