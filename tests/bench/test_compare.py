@@ -38,6 +38,13 @@ def test_bounds_are_the_flops_and_bytes_over_the_rates():
     assert b["batch1_out_tok_s"] == pytest.approx(40e9 / 2e6)
 
 
+def test_the_bound_takes_each_rate_at_its_best():
+    slow = Machine(gemm_gflops=370.0, copy_gbps=23.0, amx_gemm_gflops=370.0)
+    fast = Machine(gemm_gflops=900.0, copy_gbps=18.0, amx_gemm_gflops=900.0)
+    assert Machine.best(slow, fast) == Machine(gemm_gflops=900.0, copy_gbps=23.0,
+                                               amx_gemm_gflops=900.0)
+
+
 def _report():
     return {"concurrency": [1, 4], "machine": {"gemm_gflops": 150.0, "copy_gbps": 40.0,
                                                "bf16_gemm_gflops": 150.0,

@@ -27,6 +27,13 @@ class Machine:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def best(cls, *samples: "Machine") -> "Machine":
+        """The fastest rate of each kind over ``samples``: a bound must hold at the machine's
+        best, and on shared hosts the same GEMM measured minutes apart differs up to 2-4x."""
+        fields = asdict(samples[0])
+        return cls(**{k: max(getattr(m, k) for m in samples) for k in fields})
+
 
 def _best_of(fn, repeats: int) -> float:
     fn()
