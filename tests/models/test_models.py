@@ -85,7 +85,9 @@ def nblocks(ctx: int) -> int:
 def run(model, caches, ids: list[int], positions: list[int], meta) -> torch.Tensor:
     hidden = model(torch.tensor(ids), torch.tensor(positions), caches, meta)
     assert hidden.shape == (len(ids), model.hidden_size)
-    return model.compute_logits(hidden)
+    logits = model.compute_logits(hidden)
+    assert logits.dtype == next(model.parameters()).dtype   # the sampler widens where needed
+    return logits.float()
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor):
