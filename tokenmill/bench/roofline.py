@@ -2,7 +2,8 @@
 
 Two measured rates: the dense GEMM rate (GFLOP/s, on a matmul of the model's own MLP shape, in
 bf16 and in float32, and on tokenmill's AMX kernel where the CPU has AMX; the fastest bounds
-compute, as the engine may use any) and the memory copy bandwidth (GB/s). Two bounds on output tokens/s:
+compute, as the engine may use any) and the memory copy bandwidth (GB/s). Two bounds on output
+tokens/s:
 
 * large batch (compute bound): every prompt and output token costs ``2 * matmul params`` FLOPs
   (the lm_head only for output tokens) plus attention over its context; the workload's FLOPs

@@ -152,14 +152,10 @@ def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     else a processed copy."""
     if not _needs_processing(rows):
         return logits
-    need_min = any(len(r.output_token_ids) < r.params.min_tokens for r in rows)
-    need_bias = any(r.params.logit_bias for r in rows)
-    pen_rows = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
     logits = logits.clone()
-    if need_min:
-        _apply_min_tokens(logits, rows)
-    if need_bias:
-        _apply_logit_bias(logits, rows)
+    _apply_min_tokens(logits, rows)    # each of these skips the rows it does not concern
+    _apply_logit_bias(logits, rows)
+    pen_rows = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
     if pen_rows:
         _apply_penalties(logits, rows, pen_rows)
     return logits

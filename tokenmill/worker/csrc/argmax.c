@@ -30,8 +30,10 @@ static int64_t argmax_scalar(const uint16_t *x, int64_t V) {
     return best;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+
+#include "simd.h"
 
 static int64_t argmax_row(const uint16_t *x, int64_t V) {
     __m512 vmax = _mm512_set1_ps(-__builtin_inff());
@@ -40,9 +42,8 @@ static int64_t argmax_row(const uint16_t *x, int64_t V) {
     const __m512i step = _mm512_set1_epi32(16);
     __mmask16 nan = 0;
     for (int64_t i = 0; i < V; i += 16) {
-        const __mmask16 k = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
-        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x + i)), 16));
+        const __mmask16 k = tail16(V, i);
+        const __m512 v = load_bf16(x + i, k);
         /* Strictly greater keeps each lane's first index of its maximum. */
         const __mmask16 gt = _mm512_mask_cmp_ps_mask(k, v, vmax, _CMP_GT_OQ);
         nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);

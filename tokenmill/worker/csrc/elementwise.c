@@ -20,11 +20,6 @@
 
 #include "simd.h"
 
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
-}
-
 static inline __m512 round_bf16(__m512 v) {   /* to bf16 and back: the rounding of a bf16 op */
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
@@ -34,19 +29,15 @@ static inline void store_bf16(uint16_t *p, __mmask16 k, __m512 v) {
     _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-static inline __mmask16 tail(int64_t n, int64_t i) {
-    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-}
-
 static void norm_row(const uint16_t *x, const uint16_t *w, float eps, uint16_t *y, int64_t D) {
     __m512 ss = _mm512_setzero_ps();
     for (int64_t i = 0; i < D; i += 16) {
-        const __m512 v = load_bf16(x + i, tail(D, i));
+        const __m512 v = load_bf16(x + i, tail16(D, i));
         ss = _mm512_fmadd_ps(v, v, ss);
     }
     const __m512 s = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
     for (int64_t i = 0; i < D; i += 16) {
-        const __mmask16 k = tail(D, i);
+        const __mmask16 k = tail16(D, i);
         const __m512 t = round_bf16(_mm512_mul_ps(load_bf16(x + i, k), s));
         store_bf16(y + i, k, _mm512_mul_ps(load_bf16(w + i, k), t));
     }
@@ -64,7 +55,7 @@ int add_rmsnorm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *delta,
             uint16_t *rr = res + t * res_stride;
             const uint16_t *dr = delta + t * delta_stride;
             for (int64_t i = 0; i < D; i += 16) {
-                const __mmask16 k = tail(D, i);
+                const __mmask16 k = tail16(D, i);
                 store_bf16(rr + i, k, _mm512_add_ps(load_bf16(xr + i, k), load_bf16(dr + i, k)));
             }
             xr = rr;
@@ -81,7 +72,7 @@ int silu_mul_bf16(const uint16_t *gu, int64_t gu_stride, uint16_t *y, int64_t y_
     for (int64_t t = 0; t < T; t++) {
         const uint16_t *g = gu + t * gu_stride, *u = g + I;
         for (int64_t i = 0; i < I; i += 16) {
-            const __mmask16 k = tail(I, i);
+            const __mmask16 k = tail16(I, i);
             const __m512 gv = load_bf16(g + i, k);
             const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
@@ -105,7 +96,7 @@ int rope_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const ui
             const uint16_t *xr = x + t * x_stride + h * D;
             uint16_t *yr = y + (t * NH + h) * D;
             for (int64_t i = 0; i < half; i += 16) {
-                const __mmask16 k = tail(half, i);
+                const __mmask16 k = tail16(half, i);
                 const __m512 x1 = load_bf16(xr + i, k), x2 = load_bf16(xr + half + i, k);
                 const __m512 c1 = load_bf16(c + i, k), c2 = load_bf16(c + half + i, k);
                 const __m512 s1 = load_bf16(s + i, k), s2 = load_bf16(s + half + i, k);

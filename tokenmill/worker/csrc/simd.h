@@ -1,4 +1,5 @@
-/* AVX-512 helpers shared by the kernels; include after <immintrin.h>, inside an AVX-512 block. */
+/* AVX-512 helpers shared by the kernels; include after <stdint.h> and <immintrin.h>, inside
+ * an AVX-512 (F and BW) block. */
 #ifndef TOKENMILL_SIMD_H
 #define TOKENMILL_SIMD_H
 
@@ -19,6 +20,17 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* The lanes of a 16-wide step at element i of n that exist. */
+static inline __mmask16 tail16(int64_t n, int64_t i) {
+    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+}
+
+/* 16 bf16 values (lanes off in k read as 0) widened to fp32, exactly. */
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
 
 #endif
