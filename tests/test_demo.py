@@ -56,6 +56,23 @@ def test_tool_samples_call_with_arguments_from_the_question():
         assert all(x in s.completion for x in s.meta["mentions"])
 
 
+def test_training_asks_about_made_up_places_and_evaluation_about_real_ones():
+    from tokenmill.demo import tools
+
+    def places(split: str) -> list[str]:
+        out = []
+        for s in data.generate(300, seed=5, split=split, kinds={"tool_call": 1.0}):
+            args = s.meta["arguments"]
+            out += [args[k] for k in ("city", "location") if k in args]
+        return out
+
+    train, held_out = places("train"), places("eval")
+    made_up = [p for p in train if p not in tools.CITIES]
+    assert 0.3 < len(made_up) / len(train) < 0.7
+    assert len(set(made_up)) > 0.8 * len(made_up)   # too many to memorise
+    assert held_out and all(p in tools.CITIES for p in held_out)
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     if SHIPPED:

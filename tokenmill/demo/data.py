@@ -40,8 +40,8 @@ QUESTIONS = {
 
 # Share of each kind in the mix (normalised by ``generate``).
 # tool_session carries most tool calls: one long system prompt for several learned calls.
-MIX = {"arithmetic": 0.46, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.05,
-       "tool_answer": 0.02, "tool_session": 0.09, "tool_no_call": 0.02, "json": 0.06,
+MIX = {"arithmetic": 0.42, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.06,
+       "tool_answer": 0.02, "tool_session": 0.11, "tool_no_call": 0.02, "json": 0.06,
        "story": 0.04, "chat_story": 0.02}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
 HISTORY_RATE = 0.15      # chat samples with earlier turns in front
@@ -271,7 +271,7 @@ def json_answer(rng: random.Random, split: str) -> Sample:
         obj = {k1: OPS[op1](a, b), k2: OPS[op2](c, d)}
         steps = f"{a} {op1} {b} = {obj[k1]}.\n{c} {op2} {d} = {obj[k2]}."
     else:
-        name, city, age = rng.choice(NAMES), rng.choice(tool_data.CITIES), rng.randint(3, 99)
+        name, city, age = rng.choice(NAMES), tool_data.place(rng, split), rng.randint(3, 99)
         fields = {"name": name, "age": age, "city": city}
         keys = rng.sample(list(fields), rng.choice([2, 3]))
         text = rng.choice(["{name} is {age} years old and lives in {city}.",
@@ -288,17 +288,17 @@ def json_answer(rng: random.Random, split: str) -> Sample:
 
 
 def tool_call(rng: random.Random, split: str) -> Sample:
-    messages, completion, tools, meta = tool_data.tool_call(rng)
+    messages, completion, tools, meta = tool_data.tool_call(rng, split)
     return Sample("tool_call", messages, completion, tools=tools, meta=meta)
 
 
 def tool_answer(rng: random.Random, split: str) -> Sample:
-    messages, completion, tools, meta = tool_data.tool_answer(rng)
+    messages, completion, tools, meta = tool_data.tool_answer(rng, split)
     return Sample("tool_answer", messages, completion, tools=tools, meta=meta)
 
 
 def tool_session(rng: random.Random, split: str) -> Sample:
-    messages, completion, tools, meta = tool_data.tool_session(rng)
+    messages, completion, tools, meta = tool_data.tool_session(rng, split)
     return Sample("tool_session", messages, completion, tools=tools, meta=meta)
 
 

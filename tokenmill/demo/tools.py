@@ -27,6 +27,31 @@ CITIES = ["Paris", "London", "Berlin", "Tokyo", "New York", "Madrid", "Rome", "L
           "Vancouver", "Montreal", "Kyoto", "Osaka", "Munich", "Hamburg", "Milan", "Naples",
           "Barcelona", "Seville", "Porto", "Edinburgh", "Manchester", "Lyon", "Marseille"]
 
+# Made-up places for training: thousands of names the model cannot memorise, so it learns to
+# copy the place from the question instead of answering with a favourite city.
+_HEADS = ["Bel", "Cor", "Dal", "Esk", "Fen", "Gar", "Hal", "Ist", "Jor", "Kel", "Lor", "Mar",
+          "Nor", "Ost", "Pel", "Quen", "Ros", "Sal", "Tor", "Ul", "Val", "Wes", "Yar", "Zan",
+          "Ash", "Brim", "Cal", "Dun", "Ev", "Glen", "Hav", "Kir", "Lin", "Mor", "Nev", "Or"]
+_MIDS = ["", "", "a", "e", "i", "o", "an", "en", "ar", "or", "il", "us", "el"]
+_TAILS = ["ton", "ford", "bury", "ville", "burg", "dale", "mouth", "haven", "stad", "grad",
+          "polis", "mere", "wick", "port", "field", "more", "ia", "is", "o", "ek", "ana", "um"]
+_PREFIXES = ["New ", "Port ", "San ", "Lake ", "North ", "East ", "Fort ", "Saint "]
+
+
+def made_up_place(rng: random.Random) -> str:
+    name = rng.choice(_HEADS) + rng.choice(_MIDS) + rng.choice(_TAILS)
+    if rng.random() < 0.2:
+        name = rng.choice(_PREFIXES) + name
+    return name
+
+
+def place(rng: random.Random, split: str) -> str:
+    """A city for a question: real ones only when evaluating, half made-up when training."""
+    if split == "train" and rng.random() < 0.5:
+        return made_up_place(rng)
+    return rng.choice(CITIES)
+
+
 CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy", "clear", "stormy",
               "partly cloudy", "light rain", "overcast", "hot and humid"]
 
@@ -102,10 +127,10 @@ MAKERS = {"weather": weather_tool, "clock": clock_tool, "calculator": calculator
 CALL_WEIGHTS = {"weather": 0.35, "clock": 0.25, "calculator": 0.25, "search": 0.08, "stock": 0.07}
 
 
-def _question(rng: random.Random, kind: str, info: dict) -> tuple[str, dict, dict]:
+def _question(rng: random.Random, kind: str, info: dict, split: str) -> tuple[str, dict, dict]:
     """(question, arguments, facts for the result) for a tool of ``kind``."""
     if kind == "weather":
-        city = rng.choice(CITIES)
+        city = place(rng, split)
         q = rng.choice(["What's the weather in {c}?", "What is the weather like in {c}?",
                         "How warm is it in {c}?", "Is it raining in {c}?",
                         "Weather in {c}?", "Tell me the weather for {c}.",
@@ -118,7 +143,7 @@ def _question(rng: random.Random, kind: str, info: dict) -> tuple[str, dict, dic
             args["unit"] = unit
         return q, args, {"city": city, "unit": args.get("unit", "celsius")}
     if kind == "clock":
-        city = rng.choice(CITIES)
+        city = place(rng, split)
         q = rng.choice(["What time is it in {c}?", "What's the time in {c}?",
                         "Tell me the current time in {c}.", "time in {c}?",
                         "What is the local time in {c} right now?"]).format(c=city)
@@ -204,25 +229,25 @@ def call_text(name: str, args: dict) -> str:
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
 
 
-def _call_setup(rng: random.Random):
+def _call_setup(rng: random.Random, split: str):
     kind = rng.choices(list(CALL_WEIGHTS), weights=list(CALL_WEIGHTS.values()))[0]
     tools, info, names = _toolset(rng, kind)
-    q, args, facts = _question(rng, kind, info[kind])
+    q, args, facts = _question(rng, kind, info[kind], split)
     return kind, tools, names[kind], q, args, facts
 
 
-def tool_call(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+def tool_call(rng: random.Random, split: str) -> tuple[list[dict], str, list[dict], dict]:
     """(messages, completion, tools, meta) of a question answered with a tool call."""
-    kind, tools, name, q, args, facts = _call_setup(rng)
+    kind, tools, name, q, args, facts = _call_setup(rng, split)
     steps = f"The user asks something that the {name} tool can answer. I call it with " \
             f"{json.dumps(args)}."
     return ([{"role": "user", "content": q}], call_text(name, args), tools,
             {"tool": name, "arguments": args, "steps": steps})
 
 
-def tool_answer(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+def tool_answer(rng: random.Random, split: str) -> tuple[list[dict], str, list[dict], dict]:
     """(messages, completion, tools, meta) of an answer given a tool's result."""
-    kind, tools, name, q, args, facts = _call_setup(rng)
+    kind, tools, name, q, args, facts = _call_setup(rng, split)
     content, answer, mentions = _result(rng, kind, facts)
     call = {"id": f"call_{rng.randrange(16 ** 8):08x}", "type": "function",
             "function": {"name": name, "arguments": json.dumps(args)}}
@@ -242,10 +267,10 @@ def tools_without_calculator(rng: random.Random) -> list[dict]:
 Exchange = tuple[str, dict, list[dict], str]
 
 
-def _round(rng: random.Random, kind: str, info: dict, name: str) -> Exchange:
+def _round(rng: random.Random, kind: str, info: dict, name: str, split: str) -> Exchange:
     """One exchange: (question, arguments, [assistant message with the call, tool message],
     the answer that uses the result)."""
-    q, args, facts = _question(rng, kind, info)
+    q, args, facts = _question(rng, kind, info, split)
     content, answer, _ = _result(rng, kind, facts)
     call = {"id": f"call_{rng.randrange(16 ** 8):08x}", "type": "function",
             "function": {"name": name, "arguments": json.dumps(args)}}
@@ -253,7 +278,7 @@ def _round(rng: random.Random, kind: str, info: dict, name: str) -> Exchange:
                      {"role": "tool", "tool_call_id": call["id"], "content": content}], answer
 
 
-def tool_session(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]:
+def tool_session(rng: random.Random, split: str) -> tuple[list[dict], str, list[dict], dict]:
     """A conversation of two to four tool exchanges over one tool list (for training).
 
     Every assistant turn in it is learned, so one system prompt (most of a tool sample's
@@ -267,11 +292,11 @@ def tool_session(rng: random.Random) -> tuple[list[dict], str, list[dict], dict]
     messages: list[dict] = []
     for _ in range(rng.choice([1, 2, 2, 3])):
         kind = rng.choice(kinds)
-        q, _, turns, answer = _round(rng, kind, info[kind], names[kind])
+        q, _, turns, answer = _round(rng, kind, info[kind], names[kind], split)
         messages += [{"role": "user", "content": q}] + turns + \
             [{"role": "assistant", "content": answer}]
     kind = rng.choice(kinds)
-    q, args, turns, answer = _round(rng, kind, info[kind], names[kind])
+    q, args, turns, answer = _round(rng, kind, info[kind], names[kind], split)
     messages.append({"role": "user", "content": q})
     if rng.random() < 0.6:
         return messages, call_text(names[kind], args), tools, \
