@@ -73,6 +73,20 @@ def test_training_asks_about_made_up_places_and_evaluation_about_real_ones():
     assert held_out and all(p in tools.CITIES for p in held_out)
 
 
+def test_training_lists_tools_under_made_up_names_and_evaluation_under_real_ones():
+    from tokenmill.demo import tools
+
+    real = {n for names in tools._REAL.values() for n in names}
+    for split in ("train", "eval"):
+        called = []
+        for s in data.generate(300, seed=6, split=split, kinds={"tool_call": 1.0}):
+            schema = next(t["function"] for t in s.tools if t["function"]["name"] == s.meta["tool"])
+            assert set(s.meta["arguments"]) <= set(schema["parameters"]["properties"])
+            called.append(s.meta["tool"])
+        share = sum(n not in real for n in called) / len(called)
+        assert (0.3 < share < 0.7) if split == "train" else share == 0
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     if SHIPPED:

@@ -40,7 +40,7 @@ QUESTIONS = {
 
 # Share of each kind in the mix (normalised by ``generate``).
 # tool_session carries most tool calls: one long system prompt for several learned calls.
-MIX = {"arithmetic": 0.42, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.06,
+MIX = {"arithmetic": 0.46, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.06,
        "tool_answer": 0.02, "tool_session": 0.11, "tool_no_call": 0.02, "json": 0.06,
        "story": 0.04, "chat_story": 0.02}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
@@ -305,7 +305,7 @@ def tool_session(rng: random.Random, split: str) -> Sample:
 def tool_no_call(rng: random.Random, split: str) -> Sample:
     """Tools are listed but the question needs none of them: answer directly."""
     base = arithmetic(rng, split) if rng.random() < 0.5 else chat(rng, split)
-    base.kind, base.tools = "tool_no_call", tool_data.tools_without_calculator(rng)
+    base.kind, base.tools = "tool_no_call", tool_data.tools_without_calculator(rng, split)
     return base
 
 

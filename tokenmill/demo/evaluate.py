@@ -162,7 +162,7 @@ def parity(client, model: str, folder: str) -> dict:
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                               dtype=torch.float32).eval()
-    weather = tool_data.weather_tool(random.Random(0))[0]
+    weather = tool_data.weather_tool(random.Random(0), "eval")[0]
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
              for m in PARITY_PROMPTS]
     texts.append(tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}],

@@ -80,11 +80,39 @@ CLOCK_NAMES = {"get_time": "city", "get_current_time": "location", "clock": "cit
                "current_time": "location"}
 CALCULATOR_NAMES = {"calculator": "expression", "calculate": "expression", "evaluate": "expr",
                     "math": "expr"}
+SEARCH_NAMES = {"search_web": "query", "web_search": "query", "search": "query"}
+STOCK_NAMES = {"get_stock_price": "symbol", "stock_price": "symbol"}
+
+# Training also lists tools under made-up names with made-up parameter names (half of them), so
+# the model learns to copy both from the listed schema, as it must for a user's own tools,
+# instead of choosing among the few names above.
+_VERBS = ["get", "fetch", "lookup", "query", "check", "read", "find", "show", "load", "ask"]
+_NOUNS = {"weather": ["weather", "forecast", "conditions", "wx", "city_weather", "climate_now"],
+          "clock": ["time", "clock", "local_time", "time_now", "hour", "city_time"],
+          "calculator": ["calc", "math", "arithmetic", "compute", "expression", "sum"],
+          "search": ["search", "web", "web_results", "pages", "info", "docs"],
+          "stock": ["stock", "quote", "ticker_price", "shares", "market_price", "price"]}
+_SUFFIXES = ["", "", "", "_v2", "_now", "_api", "_info", "_tool", "_today", "2"]
+_PARAMS = {"weather": ["city", "location", "place", "city_name", "where"],
+           "clock": ["city", "location", "place", "city_name", "where"],
+           "calculator": ["expression", "expr", "formula", "input", "math_expression"],
+           "search": ["query", "q", "text", "search_terms", "topic"],
+           "stock": ["symbol", "ticker", "code", "stock_symbol"]}
+_REAL = {"weather": WEATHER_NAMES, "clock": CLOCK_NAMES, "calculator": CALCULATOR_NAMES,
+         "search": SEARCH_NAMES, "stock": STOCK_NAMES}
 
 
-def weather_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(list(WEATHER_NAMES))
-    place = WEATHER_NAMES[name]
+def tool_name(rng: random.Random, kind: str, split: str) -> tuple[str, str]:
+    """(function name, its main parameter's name) for a tool of ``kind``."""
+    if split == "train" and rng.random() < 0.5:
+        name = rng.choice(_VERBS) + "_" + rng.choice(_NOUNS[kind]) + rng.choice(_SUFFIXES)
+        return name, rng.choice(_PARAMS[kind])
+    name = rng.choice(list(_REAL[kind]))
+    return name, _REAL[kind][name]
+
+
+def weather_tool(rng: random.Random, split: str) -> tuple[dict, dict]:
+    name, place = tool_name(rng, "weather", split)
     props = {place: _str(rng.choice(["The city name, e.g. Paris", "The city to look up",
                                      "City name"]))}
     unit = rng.random() < 0.5
@@ -95,31 +123,29 @@ def weather_tool(rng: random.Random) -> tuple[dict, dict]:
     return _fn(name, desc, props, [place]), {"place": place, "unit": unit}
 
 
-def clock_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(list(CLOCK_NAMES))
-    place = CLOCK_NAMES[name]
+def clock_tool(rng: random.Random, split: str) -> tuple[dict, dict]:
+    name, place = tool_name(rng, "clock", split)
     desc = rng.choice(["Get the current local time in a city.", "Tell the time.",
                        "Return the current time for a location."])
     return _fn(name, desc, {place: _str("The city, e.g. Tokyo")}, [place]), {"place": place}
 
 
-def calculator_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(list(CALCULATOR_NAMES))
-    arg = CALCULATOR_NAMES[name]
+def calculator_tool(rng: random.Random, split: str) -> tuple[dict, dict]:
+    name, arg = tool_name(rng, "calculator", split)
     desc = rng.choice(["Evaluate an arithmetic expression.", "A calculator.",
                        "Compute the value of a math expression."])
     return _fn(name, desc, {arg: _str("e.g. 12 * 34")}, [arg]), {"arg": arg}
 
 
-def search_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(["search_web", "web_search", "search"])
-    return _fn(name, "Search the web.", {"query": _str("The search query")}, ["query"]), {}
+def search_tool(rng: random.Random, split: str) -> tuple[dict, dict]:
+    name, arg = tool_name(rng, "search", split)
+    return _fn(name, "Search the web.", {arg: _str("The search query")}, [arg]), {"arg": arg}
 
 
-def stock_tool(rng: random.Random) -> tuple[dict, dict]:
-    name = rng.choice(["get_stock_price", "stock_price"])
-    return _fn(name, "Get the latest stock price.", {"symbol": _str("Ticker, e.g. AAPL")},
-               ["symbol"]), {}
+def stock_tool(rng: random.Random, split: str) -> tuple[dict, dict]:
+    name, arg = tool_name(rng, "stock", split)
+    return _fn(name, "Get the latest stock price.", {arg: _str("Ticker, e.g. AAPL")},
+               [arg]), {"arg": arg}
 
 
 MAKERS = {"weather": weather_tool, "clock": clock_tool, "calculator": calculator_tool,
@@ -161,11 +187,11 @@ def _question(rng: random.Random, kind: str, info: dict, split: str) -> tuple[st
         topic = rng.choice(TOPICS)
         q = rng.choice(["Search the web for {t}.", "Look up {t} online.",
                         "Can you find information about {t}?"]).format(t=topic)
-        return q, {"query": topic}, {"topic": topic}
+        return q, {info["arg"]: topic}, {"topic": topic}
     sym = rng.choice(SYMBOLS)
     q = rng.choice(["What is the stock price of {s}?", "How much is {s} trading at?",
                     "Get me the price of {s} stock."]).format(s=sym)
-    return q, {"symbol": sym}, {"symbol": sym}
+    return q, {info["arg"]: sym}, {"symbol": sym}
 
 
 def _calc(a: int, op: str, b: int):
@@ -210,7 +236,7 @@ def _result(rng: random.Random, kind: str, facts: dict) -> tuple[str, str, list[
     return content, f"{facts['symbol']} is trading at {price}.", [str(price)]
 
 
-def _toolset(rng: random.Random, kind: str | None) -> tuple[list[dict], dict, dict]:
+def _toolset(rng: random.Random, kind: str | None, split: str) -> tuple[list[dict], dict, dict]:
     """Shuffled tools (including ``kind``'s when given): (tools, info per kind, name per kind)."""
     kinds = [k for k in MAKERS if k != kind]
     chosen = rng.sample(kinds, rng.choice([0, 1, 1, 2]) if kind else rng.choice([1, 2, 3]))
@@ -219,7 +245,7 @@ def _toolset(rng: random.Random, kind: str | None) -> tuple[list[dict], dict, di
     rng.shuffle(chosen)
     tools, info, names = [], {}, {}
     for k in chosen:
-        tool, info[k] = MAKERS[k](rng)
+        tool, info[k] = MAKERS[k](rng, split)
         tools.append(tool)
         names[k] = tool["function"]["name"]
     return tools, info, names
@@ -231,7 +257,7 @@ def call_text(name: str, args: dict) -> str:
 
 def _call_setup(rng: random.Random, split: str):
     kind = rng.choices(list(CALL_WEIGHTS), weights=list(CALL_WEIGHTS.values()))[0]
-    tools, info, names = _toolset(rng, kind)
+    tools, info, names = _toolset(rng, kind, split)
     q, args, facts = _question(rng, kind, info[kind], split)
     return kind, tools, names[kind], q, args, facts
 
@@ -258,10 +284,10 @@ def tool_answer(rng: random.Random, split: str) -> tuple[list[dict], str, list[d
     return messages, answer, tools, {"mentions": mentions, "steps": steps}
 
 
-def tools_without_calculator(rng: random.Random) -> list[dict]:
+def tools_without_calculator(rng: random.Random, split: str) -> list[dict]:
     """One to three tools, none of which computes arithmetic."""
     kinds = rng.sample([k for k in MAKERS if k != "calculator"], rng.choice([1, 2, 3]))
-    return [MAKERS[k](rng)[0] for k in kinds]
+    return [MAKERS[k](rng, split)[0] for k in kinds]
 
 
 Exchange = tuple[str, dict, list[dict], str]
@@ -286,7 +312,7 @@ def tool_session(rng: random.Random, split: str) -> tuple[list[dict], str, list[
     kinds = rng.sample(list(MAKERS), rng.choice([1, 2, 2, 3]))
     tools, info, names = [], {}, {}
     for k in kinds:
-        tool, info[k] = MAKERS[k](rng)
+        tool, info[k] = MAKERS[k](rng, split)
         tools.append(tool)
         names[k] = tool["function"]["name"]
     messages: list[dict] = []

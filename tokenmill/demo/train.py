@@ -202,7 +202,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=44000, help="generated training samples")
+    ap.add_argument("--samples", type=int, default=46000, help="generated training samples")
     ap.add_argument("--tokenizer-samples", type=int, default=20000)
     ap.add_argument("--vocab-size", type=int, default=3072, help="upper bound; BPE may stop early")
     ap.add_argument("--hidden", type=int, default=256)
