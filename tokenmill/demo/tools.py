@@ -3,7 +3,9 @@
 A request lists one to three tools (OpenAI ``{"type": "function", "function": {...}}`` dicts;
 the chat template renders them into the system prompt). Names, parameter names and
 descriptions vary between samples so that the model learns to copy them from the listed
-schemas rather than memorise one spelling. A matching question is answered with::
+schemas rather than memorise one spelling; in training (``split="train"``) half the places
+and half the tools are made up, so recalling a favourite never pays. A matching question is
+answered with::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
