@@ -245,8 +245,14 @@ def _toolset(rng: random.Random, kind: str | None, split: str) -> tuple[list[dic
     if kind:
         chosen.append(kind)
     rng.shuffle(chosen)
+    return _make_tools(rng, chosen, split)
+
+
+def _make_tools(rng: random.Random, kinds: list[str], split: str
+                ) -> tuple[list[dict], dict, dict]:
+    """One tool per kind, in order: (tools, info per kind, name per kind)."""
     tools, info, names = [], {}, {}
-    for k in chosen:
+    for k in kinds:
         tool, info[k] = MAKERS[k](rng, split)
         tools.append(tool)
         names[k] = tool["function"]["name"]
@@ -312,11 +318,7 @@ def tool_session(rng: random.Random, split: str) -> tuple[list[dict], str, list[
     Every assistant turn in it is learned, so one system prompt (most of a tool sample's
     tokens) pays for several calls, each copying a different city, ticker or expression."""
     kinds = rng.sample(list(MAKERS), rng.choice([1, 2, 2, 3]))
-    tools, info, names = [], {}, {}
-    for k in kinds:
-        tool, info[k] = MAKERS[k](rng, split)
-        tools.append(tool)
-        names[k] = tool["function"]["name"]
+    tools, info, names = _make_tools(rng, kinds, split)
     messages: list[dict] = []
     for _ in range(rng.choice([1, 2, 2, 3])):
         kind = rng.choice(kinds)
