@@ -104,11 +104,26 @@ _REAL = {"weather": WEATHER_NAMES, "clock": CLOCK_NAMES, "calculator": CALCULATO
          "search": SEARCH_NAMES, "stock": STOCK_NAMES}
 
 
+def made_up_tool_name(rng: random.Random, kind: str) -> str:
+    """A name in one of several shapes (verb first, noun first, noun alone, camelCase). Users'
+    tools come in all of them (``lookup_weather``, ``weather_lookup``, ``clock``), so no shape
+    may be a safe guess: only the listed schema tells which one this request uses."""
+    verb, noun, suffix = rng.choice(_VERBS), rng.choice(_NOUNS[kind]), rng.choice(_SUFFIXES)
+    shape = rng.random()
+    if shape < 0.4:
+        return f"{verb}_{noun}{suffix}"
+    if shape < 0.75:
+        return f"{noun}_{verb}{suffix}"
+    if shape < 0.9:
+        return f"{noun}{suffix}"
+    head, *rest = f"{verb}_{noun}".split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
 def tool_name(rng: random.Random, kind: str, split: str) -> tuple[str, str]:
     """(function name, its main parameter's name) for a tool of ``kind``."""
     if split == "train" and rng.random() < 0.5:
-        name = rng.choice(_VERBS) + "_" + rng.choice(_NOUNS[kind]) + rng.choice(_SUFFIXES)
-        return name, rng.choice(_PARAMS[kind])
+        return made_up_tool_name(rng, kind), rng.choice(_PARAMS[kind])
     name = rng.choice(list(_REAL[kind]))
     return name, _REAL[kind][name]
 
@@ -273,10 +288,18 @@ def _call_setup(rng: random.Random, split: str):
 def tool_call(rng: random.Random, split: str) -> tuple[list[dict], str, list[dict], dict]:
     """(messages, completion, tools, meta) of a question answered with a tool call."""
     kind, tools, name, q, args, facts = _call_setup(rng, split)
-    steps = f"The user asks something that the {name} tool can answer. I call it with " \
-            f"{json.dumps(args)}."
     return ([{"role": "user", "content": q}], call_text(name, args), tools,
-            {"tool": name, "arguments": args, "steps": steps})
+            {"tool": name, "arguments": args, "steps": _call_steps(name, args)})
+
+
+def _call_steps(name: str, args: dict) -> str:
+    """What the <think> block says before a call (thinking on)."""
+    return f"The user asks something that the {name} tool can answer. I call it with " \
+           f"{json.dumps(args)}."
+
+
+def _answer_steps(name: str, content: str) -> str:
+    return f"The {name} tool returned {content}. I answer the question with it."
 
 
 def tool_answer(rng: random.Random, split: str) -> tuple[list[dict], str, list[dict], dict]:
@@ -288,8 +311,7 @@ def tool_answer(rng: random.Random, split: str) -> tuple[list[dict], str, list[d
     messages = [{"role": "user", "content": q},
                 {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": call["id"], "content": content}]
-    steps = f"The {name} tool returned {content}. I answer the question with it."
-    return messages, answer, tools, {"mentions": mentions, "steps": steps}
+    return messages, answer, tools, {"mentions": mentions, "steps": _answer_steps(name, content)}
 
 
 def tools_without_calculator(rng: random.Random, split: str) -> list[dict]:
@@ -330,5 +352,6 @@ def tool_session(rng: random.Random, split: str) -> tuple[list[dict], str, list[
     messages.append({"role": "user", "content": q})
     if rng.random() < 0.6:
         return messages, call_text(names[kind], args), tools, \
-            {"tool": names[kind], "arguments": args}
-    return messages + turns, answer, tools, {}
+            {"tool": names[kind], "arguments": args, "steps": _call_steps(names[kind], args)}
+    content = turns[-1]["content"]
+    return messages + turns, answer, tools, {"steps": _answer_steps(names[kind], content)}

@@ -159,6 +159,12 @@ def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_c
         opt.load_state_dict(state["optimizer"])
         losses, start = state["losses"], state["step"]
     model.train()
+    if args.compile:
+        # Inductor fuses the norms, rotary and SiLU products that eager runs op by op. Only the
+        # decoder layers: the embedding's backward would become a scatter with atomic adds,
+        # whose order (and so the trained bits) changes from run to run.
+        for layer in model.model.layers:
+            layer.compile()
     smooth = sum(losses[-50:]) / len(losses[-50:]) if losses else None
     bar = tqdm(range(start, steps), desc="train", initial=start, total=steps, mininterval=5)
     for step in bar:
@@ -202,7 +208,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=46000, help="generated training samples")
+    ap.add_argument("--samples", type=int, default=60000, help="generated training samples")
     ap.add_argument("--tokenizer-samples", type=int, default=20000)
     ap.add_argument("--vocab-size", type=int, default=3072, help="upper bound; BPE may stop early")
     ap.add_argument("--hidden", type=int, default=256)
@@ -215,6 +221,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on some CPUs)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile the model for training (needs a C++ compiler)")
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=200,
