@@ -87,6 +87,22 @@ def test_training_lists_tools_under_made_up_names_and_evaluation_under_real_ones
         assert (0.3 < share < 0.7) if split == "train" else share == 0
 
 
+def test_made_up_tool_names_come_in_every_shape():
+    """Verb first, noun first and camelCase all occur, so no shape is a safe guess and the
+    model must copy the listed name (``weather_lookup`` is not ``lookup_weather``)."""
+    import random
+
+    from tokenmill.demo import tools
+
+    rng = random.Random(0)
+    names = [tools.made_up_tool_name(rng, "weather") for _ in range(400)]
+    verb_first = sum(n.split("_")[0] in tools._VERBS for n in names)
+    noun_first = sum(n.startswith(tuple(tools._NOUNS["weather"])) for n in names)
+    camel = sum(n != n.lower() for n in names)
+    assert verb_first > 100 and noun_first > 100 and camel > 20
+    assert len(set(names)) > 200
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     if SHIPPED:
