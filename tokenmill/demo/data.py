@@ -101,6 +101,19 @@ def _worked_sub(a: int, b: int) -> str:   # a >= b
             f"{a % 10 + 10 - b % 10}. {a // 10} - 1 - {b // 10} = {a // 10 - 1 - b // 10}.")
 
 
+def compare(a: int, b: int) -> str:
+    """Which of two numbers below 100 is smaller, one digit pair at a time.
+
+    NOTE: without it the model decided "a is smaller" in one step and got it wrong when the
+    tens are equal (77 - 78, 89 - 86: most of run 4's subtraction errors); here each step
+    compares two digits it copies from the question."""
+    ta, tb = a // 10, b // 10
+    if ta != tb:
+        return f"tens {ta} {'<' if ta < tb else '>'} {tb}"
+    oa, ob = a % 10, b % 10
+    return f"tens {ta} = {tb}, ones {oa} {'<' if oa < ob else '>' if oa > ob else '='} {ob}"
+
+
 def worked_answer(op: str, a: int, b: int) -> str:
     """The answer with its digit-by-digit steps in front, for + and -.
 
@@ -110,9 +123,10 @@ def worked_answer(op: str, a: int, b: int) -> str:
     if op == "+":
         steps = _worked_add(a, b)
     elif op == "-" and a >= b:
-        steps = f"{a} - {b}: {_worked_sub(a, b)}"
+        steps = f"{a} - {b}: {compare(a, b)}. {_worked_sub(a, b)}"
     elif op == "-":   # the comparison comes after both numbers, as the borrow does
-        steps = f"{a} - {b}: {a} is smaller, so I compute {b} - {a}. {_worked_sub(b, a)}"
+        steps = f"{a} - {b}: {compare(a, b)}, so {a} is smaller and I compute {b} - {a}. " \
+                f"{_worked_sub(b, a)}"
     else:
         return answer_line(op, a, b)
     return f"{steps} So {answer_line(op, a, b)}"
@@ -143,10 +157,12 @@ def thinking_steps(op: str, a: int, b: int) -> str:
     if op == "+":
         steps = [f"I need to add {a} and {b}."] + _column_add(a, b)
     elif op == "-" and a >= b:
-        steps = [f"I need to subtract {b} from {a}."] + _column_sub(a, b)
+        steps = [f"I need to subtract {b} from {a}.", f"Compare: {compare(a, b)}."] + \
+            _column_sub(a, b)
     elif op == "-":
-        steps = [f"I need to subtract {b} from {a}. {a} is smaller, so the result is "
-                 f"negative: I compute {b} - {a} and change the sign."] + _column_sub(b, a) + \
+        steps = [f"I need to subtract {b} from {a}.",
+                 f"Compare: {compare(a, b)}, so {a} is smaller and the result is negative: "
+                 f"I compute {b} - {a} and change the sign."] + _column_sub(b, a) + \
             [f"{b} - {a} = {b - a}."]
     else:
         big, small = (a, b) if a >= b else (b, a)
