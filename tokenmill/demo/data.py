@@ -107,11 +107,11 @@ def compare(a: int, b: int) -> str:
     NOTE: without it the model decided "a is smaller" in one step and got it wrong when the
     tens are equal (77 - 78, 89 - 86: most of run 4's subtraction errors); here each step
     compares two digits it copies from the question."""
-    ta, tb = a // 10, b // 10
-    if ta != tb:
-        return f"tens {ta} {'<' if ta < tb else '>'} {tb}"
-    oa, ob = a % 10, b % 10
-    return f"tens {ta} = {tb}, ones {oa} {'<' if oa < ob else '>' if oa > ob else '='} {ob}"
+    def rel(x: int, y: int) -> str:
+        return "<" if x < y else ">" if x > y else "="
+    ta, tb, oa, ob = a // 10, b // 10, a % 10, b % 10
+    tens = f"tens {ta} {rel(ta, tb)} {tb}"
+    return tens if ta != tb else f"{tens}, ones {oa} {rel(oa, ob)} {ob}"
 
 
 def worked_answer(op: str, a: int, b: int) -> str:
