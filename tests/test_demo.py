@@ -92,20 +92,23 @@ def test_training_lists_tools_under_made_up_names_and_evaluation_under_real_ones
         assert (0.35 < share < 0.65) if split == "train" else share == 0
 
 
-def test_made_up_tool_names_come_in_every_shape():
-    """Verb first, noun first and camelCase all occur, so no shape is a safe guess and the
-    model must copy the listed name (``weather_lookup`` is not ``lookup_weather``)."""
+def test_made_up_tool_names_come_in_every_shape_and_never_recur():
+    """Verb first, noun first and camelCase all occur, so no shape is a safe guess; and each
+    name holds a made-up word, so no name recurs often enough to be learned as a guess: the
+    model must copy the listed one."""
     import random
 
     from tokenmill.demo import tools
 
     rng = random.Random(0)
-    names = [tools.made_up_tool_name(rng, "weather") for _ in range(400)]
+    names = [tools.made_up_tool_name(rng, "weather") for _ in range(2000)]
     verb_first = sum(n.split("_")[0] in tools._VERBS for n in names)
     noun_first = sum(n.startswith(tuple(tools._NOUNS["weather"])) for n in names)
     camel = sum(n != n.lower() for n in names)
-    assert verb_first > 100 and noun_first > 100 and camel > 20
-    assert len(set(names)) > 200
+    assert verb_first > 400 and noun_first > 300 and camel > 200
+    assert len(set(names)) > 0.95 * len(names)
+    real = {n for names in tools._REAL.values() for n in names}
+    assert not real & set(names)
 
 
 @pytest.fixture(scope="module")

@@ -87,14 +87,21 @@ STOCK_NAMES = {"get_stock_price": "symbol", "stock_price": "symbol"}
 
 # Training also lists tools under made-up names with made-up parameter names (half of them), so
 # the model learns to copy both from the listed schema, as it must for a user's own tools,
-# instead of choosing among the few names above.
+# instead of choosing among the few names above. Every made-up name holds a made-up word
+# (hundreds of thousands of them), so no made-up name recurs often enough to become a guess:
+# with a few hundred names (run 7) the model learned `clock`, `time_now`, `math` and wrote them
+# where `get_time` was listed.
 _VERBS = ["get", "fetch", "lookup", "query", "check", "read", "find", "show", "load", "ask"]
-_NOUNS = {"weather": ["weather", "forecast", "conditions", "wx", "city_weather", "climate_now"],
-          "clock": ["time", "clock", "local_time", "time_now", "hour", "city_time"],
-          "calculator": ["calc", "math", "arithmetic", "compute", "expression", "sum"],
-          "search": ["search", "web", "web_results", "pages", "info", "docs"],
-          "stock": ["stock", "quote", "ticker_price", "shares", "market_price", "price"]}
+_NOUNS = {"weather": ["weather", "forecast", "conditions", "wx", "climate"],
+          "clock": ["time", "local_time", "hour", "city_time", "now"],
+          "calculator": ["calc", "arithmetic", "compute", "expression", "sum"],
+          "search": ["web", "web_results", "pages", "info", "docs"],
+          "stock": ["stock", "quote", "ticker_price", "shares", "market_price"]}
 _SUFFIXES = ["", "", "", "_v2", "_now", "_api", "_info", "_tool", "_today", "2"]
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
+           "gl", "kr", "pl", "st", "tr", "sk"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "n", "r", "l", "x", "k", "m", "s", "th"]
 _PARAMS = {"weather": ["city", "location", "place", "city_name", "where"],
            "clock": ["city", "location", "place", "city_name", "where"],
            "calculator": ["expression", "expr", "formula", "input", "math_expression"],
@@ -104,20 +111,28 @@ _REAL = {"weather": WEATHER_NAMES, "clock": CLOCK_NAMES, "calculator": CALCULATO
          "search": SEARCH_NAMES, "stock": STOCK_NAMES}
 
 
+def made_up_word(rng: random.Random) -> str:
+    """Two or three syllables: ``zoumar``, ``kelith``, ``bradox``."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(rng.choice((2, 2, 3))))
+
+
 def made_up_tool_name(rng: random.Random, kind: str) -> str:
-    """A name in one of several shapes (verb first, noun first, noun alone, camelCase). Users'
-    tools come in all of them (``lookup_weather``, ``weather_lookup``, ``clock``), so no shape
-    may be a safe guess: only the listed schema tells which one this request uses."""
-    verb, noun, suffix = rng.choice(_VERBS), rng.choice(_NOUNS[kind]), rng.choice(_SUFFIXES)
+    """A name holding a made-up word, in one of several shapes (verb first, noun first, word
+    alone, camelCase): users' tools come in all of them (``lookup_weather``,
+    ``weather_lookup``, ``zephyr``), so only the listed schema tells which one a request uses."""
+    word, suffix = made_up_word(rng), rng.choice(_SUFFIXES)
+    verb, noun = rng.choice(_VERBS), rng.choice(_NOUNS[kind])
     shape = rng.random()
-    if shape < 0.4:
-        return f"{verb}_{noun}{suffix}"
+    if shape < 0.3:
+        return f"{verb}_{word}{suffix}"
+    if shape < 0.55:
+        return f"{word}_{noun}{suffix}"
     if shape < 0.75:
-        return f"{noun}_{verb}{suffix}"
-    if shape < 0.9:
-        return f"{noun}{suffix}"
-    head, *rest = f"{verb}_{noun}".split("_")
-    return head + "".join(w.capitalize() for w in rest)
+        return f"{noun}_{word}{suffix}"
+    if shape < 0.85:
+        return f"{word}{suffix}"
+    return verb + word.capitalize() + noun.split("_")[0].capitalize()
 
 
 MADE_UP_TOOL_RATE = 0.5

@@ -172,10 +172,14 @@ def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_c
         xb, yb, pb = x[idx], y[idx], pos[idx]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup)
+        # The head runs only where there is a label: prompts (system, tools) are two thirds
+        # of the tokens, and their [tokens, vocab] logits were the step's largest tensors.
+        target = yb[:, 1:]
+        keep = target != IGNORE
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=xb, position_ids=pb, use_cache=False).logits  # [B, T, V]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                               yb[:, 1:].reshape(-1), ignore_index=IGNORE)
+            hidden = model.model(input_ids=xb, position_ids=pb, use_cache=False).last_hidden_state
+            logits = model.lm_head(hidden[:, :-1][keep])                    # [labels, V]
+        loss = F.cross_entropy(logits.float(), target[keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -220,7 +224,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="overrides --epochs")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on some CPUs)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: where the CPU has AVX-512 bf16 instructions)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.compile the model for training (needs a C++ compiler)")
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -238,6 +243,15 @@ def _run_args(args) -> dict:
     """The arguments that decide the model (a resumed run must have the same)."""
     skip = ("resume", "keep_snapshots", "save_every", "threads")
     return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls are 1.6x faster than fp32 where the CPU has them (0.82 against 1.34 s a
+    step) and far slower where it emulates them."""
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def keep_freed_memory() -> None:
@@ -259,6 +273,8 @@ def main(argv=None) -> None:
     from transformers import Qwen3ForCausalLM
 
     args = parse_args(argv)
+    if args.bf16 is None:
+        args.bf16 = cpu_has_bf16()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     t0 = time.time()
