@@ -253,3 +253,43 @@ def test_training_rows_learn_every_assistant_turn_and_restart_positions():
 
 def _plain_template():
     return demo_tok.to_transformers(demo_tok.train_tokenizer(["x"], 300))
+
+
+def test_loss_on_labelled_positions_equals_the_full_logits_loss():
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tokenmill.demo import train
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, intermediate_size=64, tie_word_embeddings=True))
+    x = torch.randint(0, 50, (2, 12))
+    pos = torch.arange(12).repeat(2, 1)
+    y = x.clone()
+    y[:, :5] = train.IGNORE           # a prompt: not learned
+    full = torch.nn.functional.cross_entropy(
+        model(input_ids=x, position_ids=pos).logits[:, :-1].reshape(-1, 50),
+        y[:, 1:].reshape(-1), ignore_index=train.IGNORE)
+    assert torch.allclose(train.next_token_loss(model, x, y, pos, bf16=False), full, atol=1e-6)
+
+
+def test_training_script_writes_the_same_transformers_folder_twice(tmp_path):
+    """Seeded end to end: two runs of the script write identical weights, in a folder that
+    transformers loads with the trained tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenmill.demo import train
+
+    args = ["--samples", "120", "--tokenizer-samples", "120", "--vocab-size", "400",
+            "--hidden", "64", "--layers", "1", "--intermediate", "96", "--seq-len", "256",
+            "--batch-size", "2", "--steps", "3", "--no-compile", "--no-bf16", "--save-every", "0"]
+    for run in ("a", "b"):
+        train.main(args + ["--out", str(tmp_path / run)])
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b")]
+    assert weights[0] == weights[1]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a", local_files_only=True)
+    assert model.config.hidden_size == 64 and len(tok) == model.config.vocab_size
+    assert tok.decode(tok("What is 37 + 48?")["input_ids"]) == "What is 37 + 48?"

@@ -40,7 +40,7 @@ QUESTIONS = {
 
 # Share of each kind in the mix (normalised by ``generate``).
 # tool_session carries most tool calls: one long system prompt for several learned calls.
-MIX = {"arithmetic": 0.46, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.06,
+MIX = {"arithmetic": 0.41, "tool_list": 0.05, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.06,
        "tool_answer": 0.02, "tool_session": 0.11, "tool_no_call": 0.02, "json": 0.06,
        "story": 0.04, "chat_story": 0.02}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
@@ -318,6 +318,11 @@ def tool_session(rng: random.Random, split: str) -> Sample:
     return Sample("tool_session", messages, completion, tools=tools, meta=meta)
 
 
+def tool_list(rng: random.Random, split: str) -> Sample:
+    tools, q, answer, meta = tool_data.tool_list(rng, split)
+    return Sample("tool_list", [{"role": "user", "content": q}], answer, tools=tools, meta=meta)
+
+
 def tool_no_call(rng: random.Random, split: str) -> Sample:
     """Tools are listed but the question needs none of them: answer directly."""
     base = arithmetic(rng, split) if rng.random() < 0.5 else chat(rng, split)
@@ -327,7 +332,7 @@ def tool_no_call(rng: random.Random, split: str) -> Sample:
 
 KINDS = {"arithmetic": arithmetic, "word_problem": word_problem, "chat": chat,
          "tool_call": tool_call, "tool_answer": tool_answer, "tool_session": tool_session,
-         "tool_no_call": tool_no_call,
+         "tool_no_call": tool_no_call, "tool_list": tool_list,
          "json": json_answer, "story": story_sample, "chat_story": chat_story}
 
 

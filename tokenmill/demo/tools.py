@@ -377,3 +377,31 @@ def tool_session(rng: random.Random, split: str) -> tuple[list[dict], str, list[
             {"tool": names[kind], "arguments": args, "steps": _call_steps(names[kind], args)}
     content = turns[-1]["content"]
     return messages + turns, answer, tools, {"steps": _answer_steps(names[kind], content)}
+
+
+_PURPOSES = {"weather": "check the weather", "clock": "tell the time in a city",
+             "calculator": "work out a sum", "search": "search the web",
+             "stock": "look up a stock price"}
+
+
+def tool_list(rng: random.Random, split: str) -> tuple[list[dict], str, str, dict]:
+    """(tools, question, answer, meta) about the listed tools themselves: "which tools do you
+    have?" -> every name, or "which would you use to check the weather?" -> one name. Both copy
+    names from the tool list far back in the system prompt, as a call must; run 9 never learned
+    that from calls alone (0% of made-up names copied: it wrote a name from memory)."""
+    tools, _, names = _toolset(rng, None, split)
+    listed = [t["function"]["name"] for t in tools]
+    if rng.random() < 0.5:
+        q = rng.choice(["Which tools can you use?", "What functions do you have?",
+                        "List your tools.", "What tools are available?"])
+        joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
+        answer = f"I can call {len(listed)} tool{'s' if len(listed) > 1 else ''}: {joined}."
+        steps = "The user asks which tools I have. I list the names from the tool list."
+    else:
+        kind = rng.choice(list(names))
+        q = rng.choice(["Which of your tools would you use to {p}?",
+                        "What tool can {p}?", "Name the tool that can {p}."]).format(
+            p=_PURPOSES[kind])
+        answer = f"I would use {names[kind]}."
+        steps = f"The user asks which tool can {_PURPOSES[kind]}. That is {names[kind]}."
+    return tools, q, answer, {"names": listed, "steps": steps}

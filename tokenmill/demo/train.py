@@ -138,6 +138,19 @@ def build_data(args):
     return samples, tok, texts, x, y, pos
 
 
+def next_token_loss(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
+                    bf16: bool) -> torch.Tensor:
+    """Mean cross-entropy of the labelled next tokens. The head runs only where there is a
+    label: prompts (system, tools) are two thirds of the tokens, and their [tokens, vocab]
+    logits were the step's largest tensors."""
+    target = y[:, 1:]
+    keep = target != IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = model.model(input_ids=x, position_ids=pos, use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1][keep])                        # [labels, V]
+    return F.cross_entropy(logits.float(), target[keep])
+
+
 def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_checkpoint=None,
           state: dict | None = None) -> list[float]:
     """The loop. Every ``args.save_every`` steps ``on_checkpoint(step, optimizer, losses)`` is
@@ -172,14 +185,7 @@ def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_c
         xb, yb, pb = x[idx], y[idx], pos[idx]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup)
-        # The head runs only where there is a label: prompts (system, tools) are two thirds
-        # of the tokens, and their [tokens, vocab] logits were the step's largest tensors.
-        target = yb[:, 1:]
-        keep = target != IGNORE
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            hidden = model.model(input_ids=xb, position_ids=pb, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden[:, :-1][keep])                    # [labels, V]
-        loss = F.cross_entropy(logits.float(), target[keep])
+        loss = next_token_loss(model, xb, yb, pb, args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
