@@ -21,7 +21,7 @@ from tokenmill.demo import tools as tool_data
 from tokenmill.demo.words import (
     ANIMALS, GREETING_ANSWERS, GREETINGS, IDENTITY_ANSWERS, IDENTITY_QUESTIONS, ITEMS, NAMES,
     OTHER_CHAT, PLACES, STORY_ADJECTIVES, STORY_ENDINGS, STORY_EVENTS, SYSTEM_PROMPTS, UNKNOWN,
-    UNKNOWN_ANSWERS, story_pronoun)
+    UNKNOWN_ANSWERS, and_list, story_pronoun)
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -293,7 +293,7 @@ def json_answer(rng: random.Random, split: str) -> Sample:
         text = rng.choice(["{name} is {age} years old and lives in {city}.",
                            "{name} lives in {city} and is {age}.",
                            "My friend {name}, age {age}, comes from {city}."]).format(**fields)
-        keys_text = ", ".join(keys[:-1]) + " and " + keys[-1]
+        keys_text = and_list(keys)
         q = rng.choice(["Extract the details from this text: \"{t}\" Answer in JSON with keys {k}.",
                         "{t} Answer in JSON with keys {k}.",
                         "Read this: {t}\nReturn JSON with keys {k}."]).format(t=text, k=keys_text)

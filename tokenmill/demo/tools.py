@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import random
 
+from tokenmill.demo.words import and_list
+
 CITIES = ["Paris", "London", "Berlin", "Tokyo", "New York", "Madrid", "Rome", "Lisbon", "Oslo",
           "Cairo", "Sydney", "Toronto", "Chicago", "Seoul", "Beijing", "Mumbai", "Lagos",
           "Nairobi", "Lima", "Bogota", "Dublin", "Vienna", "Prague", "Warsaw", "Athens",
@@ -394,8 +396,8 @@ def tool_list(rng: random.Random, split: str) -> tuple[list[dict], str, str, dic
     if rng.random() < 0.5:
         q = rng.choice(["Which tools can you use?", "What functions do you have?",
                         "List your tools.", "What tools are available?"])
-        joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
-        answer = f"I can call {len(listed)} tool{'s' if len(listed) > 1 else ''}: {joined}."
+        answer = f"I can call {len(listed)} tool{'s' if len(listed) > 1 else ''}: " \
+                 f"{and_list(listed)}."
         steps = "The user asks which tools I have. I list the names from the tool list."
     else:
         kind = rng.choice(list(names))

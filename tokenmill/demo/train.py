@@ -262,8 +262,9 @@ def cpu_has_bf16() -> bool:
 
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks instead of returning them to the kernel. Every step
-    allocates the same large buffers (logits alone are 50 MB); by default each comes from a
-    fresh mmap, and faulting its pages in again took a third of the step's time."""
+    allocates the same large buffers (the logits alone were 50 MB before the head ran only on
+    labelled positions); by default each comes from a fresh mmap, and faulting its pages in
+    again took a third of the step's time."""
     import ctypes
 
     try:

@@ -129,3 +129,8 @@ STORY_ENDINGS = [
 
 def story_pronoun(rng: random.Random) -> tuple[str, str]:
     return rng.choice([("he", "his"), ("she", "her")])
+
+
+def and_list(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
