@@ -111,6 +111,27 @@ def test_made_up_tool_names_come_in_every_shape_and_never_recur():
     assert not real & set(names)
 
 
+def test_copy_drills_answer_only_with_words_in_the_prompt():
+    """A repeat drill answers with the text after the request; a recall drill with the one
+    name the system prompt pairs with the asked role, listed name first or role first."""
+    from tokenmill.demo import copying
+
+    shapes = set()
+    for s in data.generate(300, seed=7, kinds={"copy": 1.0}):
+        answer = s.meta["copy"]
+        assert s.completion.endswith(answer)
+        if s.messages[0]["content"].startswith("You know these helpers"):
+            helpers = s.messages[0]["content"].splitlines()[1:]
+            role = next(r for r in copying.ROLES.values() if r in s.messages[1]["content"])
+            line = next(h for h in helpers if role in h)
+            assert line in (f"{answer}: {role}", f"The one that {role} is {answer}.")
+            shapes.add(line.startswith("The one"))
+        else:
+            assert s.messages[-1]["content"].endswith(answer) or f"Write {answer} again" in \
+                s.messages[-1]["content"]
+    assert shapes == {True, False}
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     if SHIPPED:
@@ -255,6 +276,33 @@ def _plain_template():
     return demo_tok.to_transformers(demo_tok.train_tokenizer(["x"], 300))
 
 
+def test_copy_rows_learn_only_the_repeat_of_each_random_run():
+    """Each packed sample is <|im_start|>, random tokens, a newline and the same tokens again;
+    only the repeat is labelled, positions restart per sample, and the rows are seeded."""
+    import torch
+
+    from tokenmill.demo import train
+
+    texts = [s.completion for s in data.generate(200, seed=0)]
+    tok = demo_tok.train_tokenizer(texts, 500)
+    x, y, pos = train.copy_rows(tok, 3, 256, seed=5)
+    assert torch.equal(x, train.copy_rows(tok, 3, 256, seed=5)[0])
+    start, sep = tok.token_to_id("<|im_start|>"), tok.token_to_id("\u010a")
+    n_samples = 0
+    for r in range(3):
+        starts = (pos[r] == 0).nonzero().flatten().tolist()
+        for a, b in zip(starts, starts[1:]):
+            if x[r, a] != start:       # the padding at the row's end
+                continue
+            n = (b - a - 2) // 2
+            words = x[r, a + 1:a + 1 + n]
+            assert x[r, a + 1 + n] == sep and torch.equal(x[r, a + 2 + n:b], words)
+            assert torch.equal(y[r, a + 2 + n:b], words)
+            assert (y[r, a:a + 2 + n] == train.IGNORE).all()
+            n_samples += 1
+    assert n_samples >= 15
+
+
 def test_loss_on_labelled_positions_equals_the_full_logits_loss():
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -284,7 +332,7 @@ def test_training_script_writes_the_same_transformers_folder_twice(tmp_path):
 
     args = ["--samples", "120", "--tokenizer-samples", "120", "--vocab-size", "400",
             "--hidden", "64", "--layers", "1", "--intermediate", "96", "--seq-len", "256",
-            "--batch-size", "2", "--steps", "3", "--no-compile", "--no-bf16", "--save-every", "0"]
+            "--batch-size", "2", "--steps", "3", "--copy-steps", "2", "--no-compile", "--no-bf16", "--save-every", "0"]
     for run in ("a", "b"):
         train.main(args + ["--out", str(tmp_path / run)])
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b")]

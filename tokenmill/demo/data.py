@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
+from tokenmill.demo import copying
 from tokenmill.demo import tools as tool_data
 from tokenmill.demo.words import (
     ANIMALS, GREETING_ANSWERS, GREETINGS, IDENTITY_ANSWERS, IDENTITY_QUESTIONS, ITEMS, NAMES,
@@ -40,8 +41,8 @@ QUESTIONS = {
 
 # Share of each kind in the mix (normalised by ``generate``).
 # tool_session carries most tool calls: one long system prompt for several learned calls.
-MIX = {"arithmetic": 0.41, "tool_list": 0.05, "word_problem": 0.05, "chat": 0.10, "tool_call": 0.06,
-       "tool_answer": 0.02, "tool_session": 0.11, "tool_no_call": 0.02, "json": 0.06,
+MIX = {"arithmetic": 0.35, "copy": 0.08, "tool_list": 0.03, "word_problem": 0.05, "chat": 0.10,
+       "tool_call": 0.06, "tool_answer": 0.02, "tool_session": 0.11, "tool_no_call": 0.02, "json": 0.06,
        "story": 0.04, "chat_story": 0.02}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
 HISTORY_RATE = 0.15      # chat samples with earlier turns in front
@@ -330,7 +331,12 @@ def tool_no_call(rng: random.Random, split: str) -> Sample:
     return base
 
 
-KINDS = {"arithmetic": arithmetic, "word_problem": word_problem, "chat": chat,
+def copy_drill(rng: random.Random, split: str) -> Sample:
+    messages, answer, meta = copying.copy_drill(rng)
+    return Sample("copy", messages, answer, meta=meta)
+
+
+KINDS = {"copy": copy_drill, "arithmetic": arithmetic, "word_problem": word_problem, "chat": chat,
          "tool_call": tool_call, "tool_answer": tool_answer, "tool_session": tool_session,
          "tool_no_call": tool_no_call, "tool_list": tool_list,
          "json": json_answer, "story": story_sample, "chat_story": chat_story}
@@ -349,12 +355,13 @@ def _decorate(rng: random.Random, s: Sample, split: str) -> Sample:
     """System prompt, earlier turns and thinking, on top of a chat sample."""
     if s.kind == "story":
         return s
-    if s.kind.startswith("tool") or rng.random() >= HISTORY_RATE:
+    own_system = bool(s.messages) and s.messages[0]["role"] == "system"
+    if s.kind.startswith("tool") or own_system or rng.random() >= HISTORY_RATE:
         history = []
     else:
         history = _history(rng, split)
     system = []
-    if rng.random() < SYSTEM_RATE:
+    if not own_system and rng.random() < SYSTEM_RATE:
         system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}]
     s.messages = system + history + s.messages
     if rng.random() < THINKING_RATE:
