@@ -332,7 +332,8 @@ def test_training_script_writes_the_same_transformers_folder_twice(tmp_path):
 
     args = ["--samples", "120", "--tokenizer-samples", "120", "--vocab-size", "400",
             "--hidden", "64", "--layers", "1", "--intermediate", "96", "--seq-len", "256",
-            "--batch-size", "2", "--steps", "3", "--copy-steps", "2", "--no-compile", "--no-bf16", "--save-every", "0"]
+            "--batch-size", "2", "--steps", "3", "--copy-steps", "2", "--no-compile", "--no-bf16",
+            "--save-every", "0"]
     for run in ("a", "b"):
         train.main(args + ["--out", str(tmp_path / run)])
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b")]

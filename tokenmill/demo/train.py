@@ -268,7 +268,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8, help="rows of --seq-len tokens")
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=None, help="overrides --epochs (copy steps included)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="overrides --epochs (copy steps included)")
     ap.add_argument("--copy-steps", type=int, default=400,
                     help="steps of pure copying (copy_rows) before the mix (0: none)")
     ap.add_argument("--lr", type=float, default=2e-3)
