@@ -16,9 +16,17 @@ import random
 
 from tokenmill.demo import tools as tool_data
 
-ROLES = {"weather": "checks the weather", "clock": "tells the time",
-         "calculator": "does sums", "search": "searches the web",
-         "stock": "looks up stock prices"}
+
+def _third_person(purpose: str) -> str:
+    """"check the weather" -> "checks the weather": one table (``tools.PURPOSES``) words a
+    tool's job both for the tool-list questions and for these drills."""
+    verb, _, rest = purpose.partition(" ")
+    verb += "es" if verb.endswith(("s", "sh", "ch", "x")) else "s"
+    return f"{verb} {rest}"
+
+
+ROLES = {kind: _third_person(p) for kind, p in tool_data.PURPOSES.items()}
+
 _ASK_REPEAT = ["Repeat after me: {s}", "Say this back to me: {s}", "Copy this exactly: {s}",
                "Echo: {s}", "Please repeat: {s}", "Write {s} again."]
 _ASK_RECALL = ["Which one {r}?", "Which name {r}?", "Who {r}?", "Name the one that {r}."]

@@ -41,9 +41,9 @@ QUESTIONS = {
 
 # Share of each kind in the mix (normalised by ``generate``).
 # tool_session carries most tool calls: one long system prompt for several learned calls.
-MIX = {"arithmetic": 0.35, "copy": 0.08, "tool_list": 0.03, "word_problem": 0.05, "chat": 0.10,
+MIX = {"arithmetic": 0.41, "copy": 0.07, "tool_list": 0.04, "word_problem": 0.05, "chat": 0.07,
        "tool_call": 0.06, "tool_answer": 0.02, "tool_session": 0.11, "tool_no_call": 0.02,
-       "json": 0.06, "story": 0.04, "chat_story": 0.02}
+       "json": 0.05, "story": 0.03, "chat_story": 0.01}
 THINKING_RATE = 0.2      # chat samples with enable_thinking=True
 HISTORY_RATE = 0.15      # chat samples with earlier turns in front
 SYSTEM_RATE = 0.3        # chat samples with a system prompt

@@ -381,7 +381,7 @@ def tool_session(rng: random.Random, split: str) -> tuple[list[dict], str, list[
     return messages + turns, answer, tools, {"steps": _answer_steps(names[kind], content)}
 
 
-_PURPOSES = {"weather": "check the weather", "clock": "tell the time in a city",
+PURPOSES = {"weather": "check the weather", "clock": "tell the time in a city",
              "calculator": "work out a sum", "search": "search the web",
              "stock": "look up a stock price"}
 
@@ -403,7 +403,7 @@ def tool_list(rng: random.Random, split: str) -> tuple[list[dict], str, str, dic
         kind = rng.choice(list(names))
         q = rng.choice(["Which of your tools would you use to {p}?",
                         "What tool can {p}?", "Name the tool that can {p}."]).format(
-            p=_PURPOSES[kind])
+            p=PURPOSES[kind])
         answer = f"I would use {names[kind]}."
-        steps = f"The user asks which tool can {_PURPOSES[kind]}. That is {names[kind]}."
+        steps = f"The user asks which tool can {PURPOSES[kind]}. That is {names[kind]}."
     return tools, q, answer, {"names": listed, "steps": steps}
