@@ -6,8 +6,8 @@ appear: runs 9 and 10 wrote none of 201 made-up names (teacher-forced p < 0.01 o
 token). These short samples put the loss almost only on copied tokens:
 
 - ``repeat``: "Repeat after me: kelith Valmouth 4821" -> "kelith Valmouth 4821";
-- ``recall``: a system prompt pairs made-up names with roles, in either order ("zoumar: tells
-  the time" names first, as tool schemas do) -> "Which one tells the time?" -> "zoumar".
+- ``recall``: a system prompt pairs made-up names with roles, in either order ("zoumar: works
+  out a sum" names first, as tool schemas do) -> "Which one works out a sum?" -> "zoumar".
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ offset``), then:
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,6 +39,14 @@ from tokenmill.worker import cpu_kernels
 # One more decode group costs about as much as gathering and attending over this many padded
 # blocks (an index_select and an SDPA call; measured on this CPU, see BENCHMARKS.md).
 GROUP_COST_BLOCKS = 24
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """CPU zeros in fresh anonymous pages, which the kernel zero-fills when first touched:
+    only the blocks a request writes cost anything. ``torch.zeros`` writes every page up
+    front: 2.4 s for the demo model's 1.6 GB cache, most of its start-up."""
+    buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)   # the tensor keeps buf alive
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,8 @@ class KVCacheSpec:
         shape = (2 * self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
         # NOTE: zeros, not empty: masked-out padding slots still enter the attention matmul,
         # and 0 * NaN garbage would poison real rows.
+        if torch.device(device).type == "cpu":
+            return [_lazy_zeros(shape, dtype) for _ in range(num_layers)]
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def gather_rows(self, block_ids: torch.Tensor) -> torch.Tensor:
