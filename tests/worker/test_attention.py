@@ -94,3 +94,17 @@ def test_group_decodes_cost_model():
 @pytest.mark.parametrize("lens", [[1], [16], [17, 16, 1]])
 def test_block_boundaries(lens):
     run_step([(n - 1, 1) for n in lens])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_cache_starts_zeroed_and_layers_do_not_share_memory(dtype):
+    """The CPU cache comes from lazily zero-filled pages: it must still read as zeros (padding
+    slots enter the attention matmul), be writable, and give each layer its own storage."""
+    spec = KVCacheSpec(num_blocks=300, block_size=16, num_kv_heads=2, head_dim=64)
+    caches = spec.allocate(3, dtype, "cpu")
+    assert all(c.shape == (4, 300, 16, 64) and c.dtype == dtype and c.is_contiguous()
+               for c in caches)
+    assert all(not c.any() for c in caches)
+    caches[1][3, 299] = 1.5
+    assert caches[1].sum().item() == 1.5 * 16 * 64
+    assert not caches[0].any() and not caches[2].any()
