@@ -189,7 +189,8 @@ def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_c
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    steps = args.steps or math.ceil(len(x) * args.epochs / args.batch_size) + args.copy_steps
+    n_drill = len(drills[0]) // args.batch_size if drills else 0
+    steps = args.steps or math.ceil(len(x) * args.epochs / args.batch_size) + n_drill
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(x), generator=gen)
                        for _ in range(math.ceil(steps * args.batch_size / len(x)) + 1)])
@@ -207,7 +208,6 @@ def train(model, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, args, on_c
             layer.compile()
     smooth = sum(losses[-50:]) / len(losses[-50:]) if losses else None
     bar = tqdm(range(start, steps), desc="train", initial=start, total=steps, mininterval=5)
-    n_drill = len(drills[0]) // args.batch_size if drills else 0
     for step in bar:
         if step < n_drill:
             idx = slice(step * args.batch_size, (step + 1) * args.batch_size)
