@@ -19,7 +19,8 @@ from tokenmill.models.qwen2 import uniform_sliding_window
 from tokenmill.models.registry import get_model_class, supported_architectures
 from tokenmill.testing import TEST_ARCHS
 from tokenmill.testing.checkpoints import make_checkpoint
-from tokenmill.worker import cpu_kernels
+from tokenmill.worker import cpu_gemm, cpu_kernels
+from tokenmill.worker.cpu_gemm import CpuGemmPlan
 from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,12 +201,12 @@ AMX = cpu_kernels.amx_supported(torch.zeros(32, 32, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("gemm", [
-    "plain", "fp32-gemm", "packed-bf16",
+    "plain", "fp32-gemm", "onednn-gemm", "packed-bf16",
     pytest.param("amx", marks=pytest.mark.skipif(not AMX, reason="no usable AMX here"))])
 def test_bf16_matches_hf_bf16(ckpt, gemm, monkeypatch):
     """bfloat16 rounds where HF's bfloat16 model rounds, also on the CPU fast paths (fp32 GEMMs
-    on weight copies, packed bf16 weights, AMX tiles): chunked prefill then decode through the
-    cache."""
+    on weight copies, oneDNN on packed weights, packed bf16 weights, AMX tiles): chunked
+    prefill then decode through the cache."""
     from transformers import AutoModelForCausalLM
 
     if gemm != "amx":
@@ -220,10 +221,12 @@ def test_bf16_matches_hf_bf16(ckpt, gemm, monkeypatch):
     model = load_model(path, load_hf_config(path), "bfloat16", "cpu", progress=False)
     if gemm != "plain":
         # rows per step below: 12, 7, 1
-        model.use_cpu_gemm(fp32_min_rows={"fp32-gemm": 1, "packed-bf16": 8, "amx": 32}[gemm],
-                           amx_min_rows=1)
-        amx_layers = [m for m in model.modules() if isinstance(m, Linear) and m.amx_min_rows]
-        assert bool(amx_layers) == (gemm == "amx")
+        # the large path from 1 row on, or (packed-bf16) only from 32: never in these steps
+        large, min_rows = {"fp32-gemm": ("fp32", 1), "onednn-gemm": ("onednn", 1),
+                           "packed-bf16": ("fp32", 32), "amx": ("amx", 1)}[gemm]
+        model.use_cpu_gemm(CpuGemmPlan(large, min_rows))
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert {m.large for m in linears} == {large}
     caches = kv_spec(model).allocate(model.num_layers, torch.bfloat16, "cpu")
     blocks = [7, 3, 11, 0, 5, 9]
     out = torch.cat([
@@ -234,27 +237,53 @@ def test_bf16_matches_hf_bf16(ckpt, gemm, monkeypatch):
     torch.testing.assert_close(out, ref, atol=1 / 8, rtol=0)
 
 
-@pytest.mark.parametrize("native", ["1", "0", "amx"], ids=["native", "onednn", "amx"])
-def test_cpu_gemm_linear(native, monkeypatch):
-    if native == "amx" and not AMX:
-        pytest.skip("no usable AMX here")
-    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", "0" if native == "0" else "1")
-    monkeypatch.setenv("TOKENMILL_AMX", "1" if native == "amx" else "0")
+@pytest.mark.parametrize("large", ["fp32", "onednn", "amx"])
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "no-native"])
+def test_cpu_gemm_linear(native, large, monkeypatch):
+    """Each path of ``Linear`` keeps only the copies it uses and gives F.linear's result: few
+    rows on the native kernel (else oneDNN's packed weight, bit-identical), many on the plan's
+    large path."""
+    if large == "amx" and (not AMX or native == "0"):
+        pytest.skip("no usable AMX here" if native == "1" else "AMX needs the native kernels")
+    monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", native)
     lin = Linear(64, 48, bias=True).to(torch.bfloat16)
     x = torch.randn(40, 64).to(torch.bfloat16)
     with torch.no_grad():
-        lin.use_cpu_gemm(fp32_min_rows=32, amx_min_rows=32)
-        assert (lin.amx_min_rows > 0) == (native == "amx")
-        assert (lin.weight_t_fp32 is None) == (native == "amx")
+        before = lin.weight.numel()
+        lin.use_cpu_gemm(CpuGemmPlan(large, 32))
+        assert lin.large == large
+        assert (lin.weight_t_fp32 is not None) == (large == "fp32")
+        assert (lin.weight_native is not None) == (native == "1")
+        assert (lin.weight_packed is not None) == (large == "onednn" or native == "0")
+        kept = sum(t.numel() * t.element_size() for t in (
+            lin.weight_t_fp32, lin.weight_native, lin.weight_packed) if t is not None)
+        # the native copy pads 48 outputs to 64; oneDNN's blocked layout may pad as well
+        assert kept >= Linear.cpu_gemm_bytes(lin.weight, large) >= 2 * before
         small, big = lin(x[:8]), lin(x)
         if lin.weight_native is None:
-            # oneDNN-packed bf16 weights: same kernel family as F.linear, same bits.
             assert torch.equal(small, F.linear(x[:8], lin.weight, lin.bias))
         else:   # the native kernel: fp32 sums in another order, one rounding to bf16
-            assert native in ("1", "amx")
             torch.testing.assert_close(small, F.linear(x[:8], lin.weight, lin.bias))
         assert big.dtype == small.dtype == torch.bfloat16
+        if large == "onednn":
+            assert torch.equal(big, F.linear(x, lin.weight, lin.bias))
         torch.testing.assert_close(big, F.linear(x, lin.weight, lin.bias))
+
+
+def test_cpu_gemm_plan_is_measured_or_forced(monkeypatch):
+    """Without AMX the large path is whichever of fp32 and oneDNN ran the probe matmul faster;
+    TOKENMILL_CPU_GEMM forces one, and a wrong value is a clear error."""
+    monkeypatch.setenv("TOKENMILL_AMX", "0")
+    monkeypatch.delenv("TOKENMILL_CPU_GEMM", raising=False)
+    plan = cpu_gemm.choose()
+    assert set(plan.gflops) == {"fp32", "onednn"} and min(plan.gflops.values()) > 0
+    assert plan.large == max(plan.gflops, key=plan.gflops.get)
+    assert plan.min_rows == cpu_gemm.MIN_ROWS[plan.large]
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "fp32")
+    assert cpu_gemm.choose() == CpuGemmPlan("fp32", cpu_gemm.MIN_ROWS["fp32"])
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="TOKENMILL_CPU_GEMM"):
+        cpu_gemm.choose()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,70 +138,81 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Linear(nn.Linear):
     """``nn.Linear`` with CPU fast paths for bfloat16 weights (``use_cpu_gemm`` turns them on).
 
-    Without usable AMX, oneDNN's bf16 GEMM on ``nn.Linear``'s plain ``[out, in]`` weight repacks
-    the weight on every call. So (BENCHMARKS.md):
+    ``F.linear`` in bf16 repacks the weight for oneDNN on every call, so the fast paths keep
+    packed copies instead (``worker.cpu_gemm`` picks the large path per CPU, BENCHMARKS.md):
 
-    * where the CPU has AMX (``cpu_kernels.amx_supported``), from ``amx_min_rows`` rows on, the
-      native AMX kernel on a packed copy: 1.5-8x MKL's fp32 GEMM from 16 rows;
-    * otherwise, from ``fp32_min_rows`` rows on, MKL's fp32 GEMM on an ``[in, out]`` float32
-      copy: 1.3-2x faster than oneDNN. Same result up to summation order: bf16 x bf16 products
-      are exact in fp32, all of these accumulate in fp32 and round to bf16 once;
-    * below, few rows are bound by reading the weight, so bf16 stays: the native kernel
+    * from ``plan.min_rows`` rows on, ``plan.large``: the native AMX kernel, MKL's fp32 GEMM
+      on an ``[in, out]`` float32 copy, or oneDNN's bf16 GEMM on a weight packed once in its
+      blocked layout (bit-identical to ``F.linear``). All accumulate in fp32 and round to bf16
+      once (bf16 x bf16 products are exact in fp32), so they differ in summation order only;
+    * below, few rows are bound by reading the weight: the native kernel
       (``cpu_kernels.linear``, AVX-512 bf16) on the packed copy streams the weight at ~20 GB/s
-      where oneDNN reaches ~16 (1.2-1.4x up to 8 rows, even at 16-31); without it, oneDNN on
-      a weight packed once in its blocked layout (bit-identical to ``F.linear``, 10-25% faster
-      than it).
+      where oneDNN reaches ~16; without it, the oneDNN-packed weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.cpu_gemm = False
-        self.amx_min_rows = 0     # 0: no AMX
+        self.large, self.large_min_rows = "", 0
         self.weight_t_fp32 = None
         self.weight_packed = None
         self.weight_native = None
 
     @staticmethod
-    def cpu_gemm_bytes(weight: torch.Tensor) -> int:
-        """Bytes ``use_cpu_gemm`` adds for ``weight``: a packed bf16 copy, and a float32 one
-        unless AMX serves the large matmuls."""
-        extra = 0 if cpu_kernels.amx_supported(weight) else 4
-        return weight.numel() * (weight.element_size() + extra)
+    def _paths(weight: torch.Tensor, large: str) -> tuple[str, bool, bool]:
+        """(the large path this weight can take, keep a native copy, keep a oneDNN copy)."""
+        native = cpu_kernels.linear_supported(weight)
+        onednn_ok = torch.backends.mkldnn.is_available()
+        if large == "amx" and not cpu_kernels.amx_supported(weight):
+            large = "fp32"
+        if large == "onednn" and not onednn_ok:
+            large = "fp32"
+        return large, native, onednn_ok and (large == "onednn" or not native)
 
-    def use_cpu_gemm(self, fp32_min_rows: int, amx_min_rows: int) -> None:
-        """Keep the copies the fast paths need (see the class docstring)."""
-        self.cpu_gemm, self.fp32_min_rows = True, fp32_min_rows
+    @classmethod
+    def cpu_gemm_bytes(cls, weight: torch.Tensor, large: str) -> int:
+        """Bytes ``use_cpu_gemm`` adds for ``weight`` with ``large`` as the large path."""
+        large, native, onednn = cls._paths(weight, large)
+        copies = 2 * (native + onednn) + 4 * (large == "fp32")
+        return weight.numel() * copies
+
+    def use_cpu_gemm(self, plan) -> None:
+        """Keep the copies the fast paths of ``plan`` (a ``cpu_gemm.CpuGemmPlan``) need."""
         weight = self.weight.detach()
+        self.large, native, onednn = self._paths(weight, plan.large)
+        self.cpu_gemm, self.large_min_rows = True, plan.min_rows
         self.bias_fp32 = None if self.bias is None else self.bias.detach().float()
         self.bias_plain = None if self.bias is None else self.bias.detach()
-        if cpu_kernels.amx_supported(weight):
-            self.amx_min_rows = amx_min_rows
-        else:
+        if self.large == "fp32":
             self.weight_t_fp32 = weight.float().t().contiguous()
-        if cpu_kernels.linear_supported(weight):
+        if native:
             self.weight_native = cpu_kernels.pack_linear(weight)
-        elif torch.backends.mkldnn.is_available():
+        if onednn:
             # The batch-size hint only tunes the packing; any number of rows works.
             self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: [T, in]
         if not self.cpu_gemm:
             return F.linear(x, self.weight, self.bias)
-        rows = x.shape[0]
-        if self.amx_min_rows and rows >= self.amx_min_rows:
-            return cpu_kernels.linear(x, self.weight_native, self.bias_fp32, self.out_features,
-                                      amx=True)
-        if self.weight_t_fp32 is not None and rows >= self.fp32_min_rows:
-            x32 = x.float()
-            if self.bias_fp32 is None:
-                return torch.mm(x32, self.weight_t_fp32).to(x.dtype)
-            return torch.addmm(self.bias_fp32, x32, self.weight_t_fp32).to(x.dtype)
+        if x.shape[0] >= self.large_min_rows:
+            if self.large == "amx":
+                return cpu_kernels.linear(x, self.weight_native, self.bias_fp32,
+                                          self.out_features, amx=True)
+            if self.large == "fp32":
+                x32 = x.float()
+                if self.bias_fp32 is None:
+                    return torch.mm(x32, self.weight_t_fp32).to(x.dtype)
+                return torch.addmm(self.bias_fp32, x32, self.weight_t_fp32).to(x.dtype)
+            return self._onednn(x)
         if self.weight_native is not None:
             return cpu_kernels.linear(x, self.weight_native, self.bias_fp32, self.out_features)
-        if self.weight_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias_plain,
-                                                      "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self._onednn(x)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias_plain,
+                                                  "none", [], "")
 
 
 class FusedLinear(Linear):

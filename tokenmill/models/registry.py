@@ -92,18 +92,18 @@ class CausalLM(nn.Module):
         widens them to float32 only where it needs to."""
         return self.lm_head(hidden)
 
-    def use_cpu_gemm(self, fp32_min_rows: int, amx_min_rows: int) -> int:
-        """Switch every Linear to the CPU bf16 fast paths (see ``layers.Linear``): AMX or fp32
-        GEMMs from ``amx_min_rows`` / ``fp32_min_rows`` rows on. Returns the bytes the extra
-        weight copies take."""
+    def use_cpu_gemm(self, plan) -> int:
+        """Switch every Linear to the CPU bf16 fast paths of ``plan`` (a
+        ``cpu_gemm.CpuGemmPlan``; see ``layers.Linear``). Returns the bytes the extra weight
+        copies take."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.use_cpu_gemm(fp32_min_rows, amx_min_rows)
-        return self.cpu_gemm_bytes()
+                module.use_cpu_gemm(plan)
+        return self.cpu_gemm_bytes(plan.large)
 
-    def cpu_gemm_bytes(self) -> int:
+    def cpu_gemm_bytes(self, large: str) -> int:
         """Bytes ``use_cpu_gemm`` adds (``Linear.cpu_gemm_bytes`` over every Linear)."""
-        return sum(Linear.cpu_gemm_bytes(m.weight) for m in self.modules()
+        return sum(Linear.cpu_gemm_bytes(m.weight, large) for m in self.modules()
                    if isinstance(m, Linear))
 
     # -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from tokenmill.config import GiB, EngineConfig
 from tokenmill.engine.interfaces import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.models.loader import load_hf_config, load_model, resolve_dtype
-from tokenmill.worker import cpu_kernels
+from tokenmill.worker import cpu_gemm, cpu_kernels
 from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
 from tokenmill.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
@@ -25,13 +25,8 @@ logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_MEMORY = 2 * GiB
 GPU_MEMORY_FRACTION = 0.9
-# bf16 on CPU: matmuls of CPU_AMX_MIN_ROWS rows or more run on AMX tiles where the CPU has them;
-# else from CPU_FP32_GEMM_MIN_ROWS on float32 weight copies (MKL's fp32 GEMM beats oneDNN's bf16
-# one without AMX); fewer rows on packed bf16 weights (the native kernel, else oneDNN); when the
-# extra copies take at most CPU_GEMM_MAX_BYTES. Measured in BENCHMARKS.md (AMX vs the AVX-512
-# kernel on weights not in cache: 0.96-1.05x at 4 rows, 1.06-1.16x at 6, 1.2-1.4x at 8).
-CPU_AMX_MIN_ROWS = 6
-CPU_FP32_GEMM_MIN_ROWS = 32
+# bf16 on CPU: the large matmuls on the path ``cpu_gemm.choose`` measures fastest here, few rows
+# on packed bf16 weights, when the extra weight copies take at most CPU_GEMM_MAX_BYTES.
 CPU_GEMM_MAX_BYTES = 6 * GiB
 
 
@@ -64,13 +59,12 @@ class ModelRunner:
         self.hf_config = load_hf_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, self.hf_config)
         self.model = load_model(mc.model, self.hf_config, self.dtype, self.device, progress=progress)
-        if (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                and self.model.cpu_gemm_bytes() <= CPU_GEMM_MAX_BYTES):
-            extra = self.model.use_cpu_gemm(CPU_FP32_GEMM_MIN_ROWS, CPU_AMX_MIN_ROWS)
-            amx = any(getattr(m, "amx_min_rows", 0) for m in self.model.modules())
-            logger.info("bf16 on CPU: %s matmuls from %d rows, packed bf16 below (weight "
-                        "copies: %.2f GiB)", "AMX" if amx else "fp32",
-                        CPU_AMX_MIN_ROWS if amx else CPU_FP32_GEMM_MIN_ROWS, extra / GiB)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            plan = cpu_gemm.choose()
+            if self.model.cpu_gemm_bytes(plan.large) <= CPU_GEMM_MAX_BYTES:
+                extra = self.model.use_cpu_gemm(plan)
+                logger.info("bf16 on CPU: large matmuls on %s; packed bf16 below (weight "
+                            "copies: %.2f GiB)", plan.describe(), extra / GiB)
         self.block_size = config.cache.block_size
         self.sliding_window = getattr(self.model, "sliding_window", None)
         self.num_blocks = self._decide_num_blocks(config)
