@@ -11,7 +11,7 @@ import sys
 import pytest
 from transformers import Qwen2Config
 
-from tokenmill.bench.compare import markdown, ratios
+from tokenmill.bench.compare import markdown, plot, ratios
 from tokenmill.bench.roofline import Machine, ModelCost, bounds
 
 QWEN_05B = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -73,6 +73,20 @@ def test_ratios_and_markdown():
     assert "Skipped vllm: not installed" in table
 
 
+def test_plot_of_a_report_read_back_from_json(tmp_path):
+    """A saved report has str concurrency keys: the plot still puts each point at its number
+    of clients, in order (it once drew them as categories)."""
+    import matplotlib.pyplot as plt
+    report = json.loads(json.dumps({**_report(), "model": "m", "dtype": "bfloat16",
+                                    "input_len": 128, "output_len": 128}))
+    report["results"]["tokenmill"]["16"] = {"output_throughput": 90.0}
+    assert plot(report, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size
+    lines = {ln.get_label(): ln for ln in plt.gcf().axes[0].lines}
+    assert list(lines["tokenmill"].get_xdata()) == [1, 4, 16]
+    assert list(lines["tokenmill"].get_ydata()) == [30.0, 100.0, 90.0]
+    plt.close("all")
+
+
 def test_wide_tokenizer_decodes_every_id_and_keeps_real_text():
     from tokenmill.testing.checkpoints import make_tokenizer
 
@@ -105,3 +119,4 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     assert sp["ttft_off_over_on"] == sp["off"]["median_ttft_ms"] / sp["on"]["median_ttft_ms"]
     assert "median TTFT" in table.read_text()
     assert "| 4 | tokenmill |" in table.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -237,8 +237,9 @@ def plot(report: dict, path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for peer, levels in report["results"].items():
-        cs = sorted(levels)
-        ax.plot(cs, [levels[c]["output_throughput"] for c in cs], "o-", label=peer)
+        cs = sorted(levels, key=int)    # int keys, or str once the report went through JSON
+        ax.plot([int(c) for c in cs], [levels[c]["output_throughput"] for c in cs], "o-",
+                label=peer)
     roof = report["roofline"]["large_batch_out_tok_s"]
     ax.axhline(roof, color="gray", ls="--", label=f"compute roofline ({roof:.0f})")
     ax.set_xscale("log", base=2)
