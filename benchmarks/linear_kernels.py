@@ -1,5 +1,6 @@
-"""The bf16 linear paths side by side, in one run: AMX tiles, the AVX-512 bf16 kernel, and
-MKL's fp32 GEMM on a float32 weight copy (what the engine used from 32 rows before AMX).
+"""The bf16 linear paths side by side, in one run: AMX tiles, the AVX-512 bf16 kernel, MKL's
+fp32 GEMM on a float32 weight copy, and oneDNN's bf16 GEMM on a weight packed once (the last two
+are the candidates `tokenmill.worker.cpu_gemm` times at start-up on CPUs without AMX).
 
     python benchmarks/linear_kernels.py [--plot benchmarks/linear-kernels.png]
 
@@ -45,17 +46,20 @@ def main() -> None:
     for n, k in SHAPES:
         w = torch.randn(n, k).to(torch.bfloat16)
         packed, w_t = cpu_kernels.pack_linear(w), w.float().t().contiguous()
+        onednn = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         for m in ROWS:
             x = torch.randn(m, k).to(torch.bfloat16)
             paths = {"avx512_bf16": lambda: cpu_kernels.linear(x, packed, None, n),
-                     "fp32_mkl": lambda: (x.float() @ w_t).to(torch.bfloat16)}
+                     "fp32_mkl": lambda: (x.float() @ w_t).to(torch.bfloat16),
+                     "onednn_packed": lambda: torch.ops.mkldnn._linear_pointwise(
+                         x, onednn, None, "none", [], "")}
             if amx:
                 paths["amx"] = lambda: cpu_kernels.linear(x, packed, None, n, amx=True)
             rate = {p: 2 * m * n * k / median_seconds(f) / 1e9 for p, f in paths.items()}
             row = {"n": n, "k": k, "rows": m, **{f"{p}_gflops": round(r) for p, r in rate.items()}}
             if amx:
                 row["amx_over_best_other"] = round(
-                    rate["amx"] / max(rate["avx512_bf16"], rate["fp32_mkl"]), 2)
+                    rate["amx"] / max(v for p, v in rate.items() if p != "amx"), 2)
             results.append(row)
             print("  ".join(f"{key}={val}" for key, val in row.items()), flush=True)
     if args.result_file:
@@ -70,7 +74,7 @@ def main() -> None:
         fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.6), sharey=True)
         for ax, (n, k) in zip(axes, SHAPES):
             rows = [r for r in results if (r["n"], r["k"]) == (n, k)]
-            for path in ("amx", "avx512_bf16", "fp32_mkl"):
+            for path in ("amx", "avx512_bf16", "fp32_mkl", "onednn_packed"):
                 if f"{path}_gflops" in rows[0]:
                     ax.plot([r["rows"] for r in rows], [r[f"{path}_gflops"] for r in rows],
                             marker="o", label=path)
