@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tokenmill.worker import cpu_kernels
+from tokenmill.worker import cpu_gemm, cpu_kernels
 
 SHAPES = [(1152, 896), (9728, 896), (896, 4864), (1024, 512), (3072, 512)]   # (N, K)
 ROWS = [1, 2, 4, 8, 16, 32, 64, 512, 2048]
@@ -46,13 +46,12 @@ def main() -> None:
     for n, k in SHAPES:
         w = torch.randn(n, k).to(torch.bfloat16)
         packed, w_t = cpu_kernels.pack_linear(w), w.float().t().contiguous()
-        onednn = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        onednn = cpu_gemm.pack_onednn(w)
         for m in ROWS:
             x = torch.randn(m, k).to(torch.bfloat16)
             paths = {"avx512_bf16": lambda: cpu_kernels.linear(x, packed, None, n),
                      "fp32_mkl": lambda: (x.float() @ w_t).to(torch.bfloat16),
-                     "onednn_packed": lambda: torch.ops.mkldnn._linear_pointwise(
-                         x, onednn, None, "none", [], "")}
+                     "onednn_packed": lambda: cpu_gemm.onednn_linear(x, onednn)}
             if amx:
                 paths["amx"] = lambda: cpu_kernels.linear(x, packed, None, n, amx=True)
             rate = {p: 2 * m * n * k / median_seconds(f) / 1e9 for p, f in paths.items()}

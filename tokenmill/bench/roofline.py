@@ -50,6 +50,8 @@ def measure_machine(hidden: int, intermediate: int, rows: int = 512,
                     repeats: int = 5) -> Machine:
     import torch
 
+    from tokenmill.worker import cpu_gemm, cpu_kernels
+
     flops = 2 * rows * hidden * intermediate
     rates = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -59,13 +61,10 @@ def measure_machine(hidden: int, intermediate: int, rows: int = 512,
         # each dtype in its faster weight layout ([out, in] for oneDNN's bf16, [in, out] for
         # MKL's fp32), and bf16 also on a weight packed once for oneDNN, as the engine keeps it
         fns = [lambda: torch.nn.functional.linear(a, w), lambda: torch.mm(a, w_t)]
-        if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            fns.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [],
-                                                                  ""))
+        if dtype == torch.bfloat16 and cpu_gemm.onednn_available():
+            packed = cpu_gemm.pack_onednn(w)
+            fns.append(lambda: cpu_gemm.onednn_linear(a, packed))
         rates[dtype] = flops / min(_best_of(fn, repeats) for fn in fns) / 1e9
-    from tokenmill.worker import cpu_kernels
-
     w = torch.randn(intermediate, hidden, dtype=torch.bfloat16)
     if cpu_kernels.amx_supported(w):
         a, packed = torch.randn(rows, hidden, dtype=torch.bfloat16), cpu_kernels.pack_linear(w)

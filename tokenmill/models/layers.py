@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.worker import cpu_kernels
+from tokenmill.worker import cpu_gemm, cpu_kernels
 from tokenmill.worker.attention import AttentionMetadata, paged_attention
 
 
@@ -162,7 +162,7 @@ class Linear(nn.Linear):
     def _paths(weight: torch.Tensor, large: str) -> tuple[str, bool, bool]:
         """(the large path this weight can take, keep a native copy, keep a oneDNN copy)."""
         native = cpu_kernels.linear_supported(weight)
-        onednn_ok = torch.backends.mkldnn.is_available()
+        onednn_ok = cpu_gemm.onednn_available()
         if large == "amx" and not cpu_kernels.amx_supported(weight):
             large = "fp32"
         if large == "onednn" and not onednn_ok:
@@ -188,8 +188,7 @@ class Linear(nn.Linear):
         if native:
             self.weight_native = cpu_kernels.pack_linear(weight)
         if onednn:
-            # The batch-size hint only tunes the packing; any number of rows works.
-            self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            self.weight_packed = cpu_gemm.pack_onednn(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: [T, in]
         if not self.cpu_gemm:
@@ -211,8 +210,7 @@ class Linear(nn.Linear):
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias_plain,
-                                                  "none", [], "")
+        return cpu_gemm.onednn_linear(x, self.weight_packed, self.bias_plain)
 
 
 class FusedLinear(Linear):

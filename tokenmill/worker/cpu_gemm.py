@@ -36,6 +36,22 @@ MIN_ROWS = {"amx": 6, "fp32": 32, "onednn": 32}
 PROBE_ROWS, PROBE_OUT, PROBE_IN = 64, 4096, 1024
 
 
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] reordered once into oneDNN's blocked layout (``F.linear`` does this on
+    every call). The batch-size hint only tunes the packing; any number of rows works."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) from ``pack_onednn(W)``: bit-identical to ``F.linear(x, W, bias)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @dataclass(frozen=True)
 class CpuGemmPlan:
     large: str                                   # one of PATHS
@@ -69,10 +85,9 @@ def measure(rows: int = PROBE_ROWS, out_features: int = PROBE_OUT,
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
     w_t32 = w.float().t().contiguous()
     fns = {"fp32": lambda: torch.mm(x.float(), w_t32).to(torch.bfloat16)}
-    if torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
-                                                                   [], "")
+    if onednn_available():
+        packed = pack_onednn(w)
+        fns["onednn"] = lambda: onednn_linear(x, packed)
     flops = 2 * rows * out_features * in_features
     return {name: flops / t / 1e9 for name, t in _median_seconds(fns).items()}
 
