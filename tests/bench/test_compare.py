@@ -4,6 +4,7 @@ needs a ~5 minute build, so that peer is skipped here and measured in BENCHMARKS
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 from transformers import Qwen2Config
 
-from tokenmill.bench.compare import markdown, plot, ratios
+from tokenmill.bench.compare import _dataset, _seed, markdown, plot, ratios
 from tokenmill.bench.roofline import Machine, ModelCost, bounds
 
 QWEN_05B = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -87,6 +88,17 @@ def test_plot_of_a_report_read_back_from_json(tmp_path):
     plt.close("all")
 
 
+def test_warm_up_levels_and_shared_prefix_draw_different_prompts():
+    # A warm-up prompt that comes back in a level is answered from the servers' prompt caches
+    # (seed -1 and seed 1 are one seed to random.Random: that happened at batch 1).
+    args = argparse.Namespace(seed=0, input_len=8, output_len=4, shared_prefix_len=16)
+    seeds = [_seed(args, p) for p in ("warm-up", "level-1", "level-4", "shared-prefix")]
+    assert len(set(seeds)) == 4
+    prompts = [tuple(r.prompt) for s in seeds for r in _dataset(args, 1000, 4, s)]
+    assert len(set(prompts)) == len(prompts) == 16
+    assert _dataset(args, 1000, 4, seeds[0])[0].prompt == _dataset(args, 1000, 4, seeds[0])[0].prompt
+
+
 def test_wide_tokenizer_decodes_every_id_and_keeps_real_text():
     from tokenmill.testing.checkpoints import make_tokenizer
 
@@ -102,7 +114,8 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     result, table, png = tmp_path / "r.json", tmp_path / "t.md", tmp_path / "p.png"
     cmd = [sys.executable, "-m", "tokenmill.cli", "bench", "compare", "--model", tiny_llama,
            "--dtype", "float32", "--concurrency", "1", "4", "--input-len", "16",
-           "--output-len", "8", "--shared-prefix-len", "64", "--shared-prefix-prompts", "3",
+           "--output-len", "8", "--min-prompts", "4", "--shared-prefix-len", "64",
+           "--shared-prefix-prompts", "3",
            "--skip", "llama-server", "--work-dir", str(tmp_path / "work"),
            "--result-file", str(result), "--markdown", str(table), "--plot", str(png)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import tempfile
@@ -39,6 +40,15 @@ def _dataset(args, vocab: int, n: int, seed: int, shared_prefix: bool = False,
     return make_dataset(ns, None)
 
 
+def _seed(args, purpose: str) -> int:
+    """A dataset seed of its own for each use (warm-up, each level, shared prefix).
+    NOTE: not ``seed - 1`` and ``seed + c``: ``random.Random`` seeds with abs(int), so the
+    warm-up's seed -1 drew level 1's prompts, and the peers answered two of its four requests
+    from their prompt caches."""
+    digest = hashlib.sha256(f"{args.seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def _prompts_at(concurrency: int, args) -> int:
     return max(args.min_prompts, args.prompts_per_client * concurrency)
 
@@ -56,9 +66,9 @@ def run_server_levels(peer: peers.ServerPeer, model_name: str, vocab: int, args)
     with peer as url:
         asyncio.run(run_benchmark(client_args(url, model_name, seed=args.seed,
                                               timeout=CLIENT_TIMEOUT_S),
-                                  _dataset(args, vocab, 2, args.seed - 1)))  # warm-up
+                                  _dataset(args, vocab, 2, _seed(args, "warm-up"))))
         for c in args.concurrency:
-            reqs = _dataset(args, vocab, _prompts_at(c, args), args.seed + c)
+            reqs = _dataset(args, vocab, _prompts_at(c, args), _seed(args, f"level-{c}"))
             result, _ = asyncio.run(run_benchmark(
                 client_args(url, model_name, seed=args.seed, max_concurrency=c,
                             timeout=CLIENT_TIMEOUT_S), reqs))
@@ -75,7 +85,7 @@ def run_transformers_levels(model: str, vocab: int, args) -> dict:
     out = {}
     runner = None
     for c in args.concurrency:
-        reqs = _dataset(args, vocab, _prompts_at(c, args), args.seed + c)
+        reqs = _dataset(args, vocab, _prompts_at(c, args), _seed(args, f"level-{c}"))
         wl = Workload([r.prompt for r in reqs], [r.output_len for r in reqs])
         if runner is None:   # loaded once; only the static batch size changes per level
             runner = TransformersRunner(model, args.dtype, batch_size=c)
@@ -94,7 +104,8 @@ def run_shared_prefix(model: str, vocab: int, args, log_dir: Path) -> dict:
     from tokenmill.bench.serve import client_args, run_benchmark
 
     out = {}
-    reqs = _dataset(args, vocab, args.shared_prefix_prompts, args.seed + 7, shared_prefix=True,
+    reqs = _dataset(args, vocab, args.shared_prefix_prompts, _seed(args, "shared-prefix"),
+                    shared_prefix=True,
                     output_len=16)
     for name, extra in (("on", ()), ("off", ("--no-enable-prefix-caching",))):
         peer = peers.TokenmillPeer(log_dir, model, _tokenmill_flags(args) + extra,
@@ -261,7 +272,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prompts-per-client", type=int, default=2)
-    p.add_argument("--min-prompts", type=int, default=4)
+    p.add_argument("--min-prompts", type=int, default=8)   # batch 1: 4 requests were too noisy
     p.add_argument("--shared-prefix-len", type=int, default=1024)
     p.add_argument("--shared-prefix-prompts", type=int, default=17)
     p.add_argument("--max-num-seqs", type=int, default=64)
