@@ -12,7 +12,7 @@ import sys
 import pytest
 from transformers import Qwen2Config
 
-from tokenmill.bench.compare import _dataset, _seed, markdown, plot, ratios
+from tokenmill.bench.compare import _dataset, _seed, markdown, median_run, plot, ratios
 from tokenmill.bench.roofline import Machine, ModelCost, bounds
 
 QWEN_05B = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -99,6 +99,13 @@ def test_warm_up_levels_and_shared_prefix_draw_different_prompts():
     assert _dataset(args, 1000, 4, seeds[0])[0].prompt == _dataset(args, 1000, 4, seeds[0])[0].prompt
 
 
+def test_a_level_reports_its_median_run():
+    runs = [{"output_throughput": t, "mean_ttft_ms": t * 10} for t in (30.0, 10.0, 20.0)]
+    assert median_run(runs) == {"output_throughput": 20.0, "mean_ttft_ms": 200.0,
+                                "runs_output_throughput": [30.0, 10.0, 20.0]}
+    assert median_run(runs[:2])["output_throughput"] == 10.0   # the lower middle of an even count
+
+
 def test_wide_tokenizer_decodes_every_id_and_keeps_real_text():
     from tokenmill.testing.checkpoints import make_tokenizer
 
@@ -114,8 +121,8 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     result, table, png = tmp_path / "r.json", tmp_path / "t.md", tmp_path / "p.png"
     cmd = [sys.executable, "-m", "tokenmill.cli", "bench", "compare", "--model", tiny_llama,
            "--dtype", "float32", "--concurrency", "1", "4", "--input-len", "16",
-           "--output-len", "8", "--min-prompts", "4", "--shared-prefix-len", "64",
-           "--shared-prefix-prompts", "3",
+           "--output-len", "8", "--min-prompts", "4", "--repeats", "2",
+           "--shared-prefix-len", "64", "--shared-prefix-prompts", "3",
            "--skip", "llama-server", "--work-dir", str(tmp_path / "work"),
            "--result-file", str(result), "--markdown", str(table), "--plot", str(png)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
@@ -126,6 +133,8 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
         assert all(v["output_throughput"] > 0 for v in report["results"][peer].values())
     for c, v in report["results"]["tokenmill"].items():
         assert (v["failed"], v["completed"]) == (0, {"1": 4, "4": 8}[c])
+        assert len(v["runs_output_throughput"]) == 2
+        assert v["output_throughput"] == min(v["runs_output_throughput"])
     assert report["roofline"]["large_batch_out_tok_s"] > 0
     sp = report["shared_prefix"]
     assert sp["on"]["completed"] == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -59,24 +60,50 @@ def _summary(result: dict) -> dict:
     return {k: result[k] for k in keys}
 
 
-def run_server_levels(peer: peers.ServerPeer, model_name: str, vocab: int, args) -> dict:
+def run_server_levels(peer_list: list, model_name: str, vocab: int, args) -> tuple[dict, dict]:
+    """Every level on every server, the servers taking turns, ``args.repeats`` times with the
+    order flipped each time and fresh prompts each time (a repeated prompt would come from the
+    prompt caches). A level's figures are its run of median output throughput.
+
+    NOTE: both servers stay up and alternate: this host's speed drifts by 20% over minutes,
+    and one server measured 10 minutes after the other compared the moments, not the servers
+    (llama-server's batch-1 TPOT was 31.3 ms in one run, 25.4 in the next)."""
     from tokenmill.bench.serve import client_args, run_benchmark
 
-    out = {}
-    with peer as url:
-        asyncio.run(run_benchmark(client_args(url, model_name, seed=args.seed,
-                                              timeout=CLIENT_TIMEOUT_S),
-                                  _dataset(args, vocab, 2, _seed(args, "warm-up"))))
+    def bench(url, reqs, c=None):
+        return asyncio.run(run_benchmark(client_args(url, model_name, seed=args.seed,
+                                                     max_concurrency=c,
+                                                     timeout=CLIENT_TIMEOUT_S), reqs))[0]
+
+    runs: dict = {}
+    skipped: dict = {}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for peer in peer_list:
+            try:
+                urls[peer.name] = stack.enter_context(peer)
+            except peers.PeerUnavailable as e:
+                skipped[peer.name] = str(e)
+                continue
+            bench(urls[peer.name], _dataset(args, vocab, 2, _seed(args, "warm-up")))
         for c in args.concurrency:
-            reqs = _dataset(args, vocab, _prompts_at(c, args), _seed(args, f"level-{c}"))
-            result, _ = asyncio.run(run_benchmark(
-                client_args(url, model_name, seed=args.seed, max_concurrency=c,
-                            timeout=CLIENT_TIMEOUT_S), reqs))
-            out[c] = _summary(result)
-            print(f"{peer.name} @ {c}: {result['output_throughput']:.1f} out tok/s, "
-                  f"TTFT {result['mean_ttft_ms']:.0f} ms, TPOT {result['mean_tpot_ms']:.1f} ms",
-                  flush=True)
-    return out
+            for rep in range(args.repeats):
+                reqs = _dataset(args, vocab, _prompts_at(c, args), _seed(args, f"level-{c}/{rep}"))
+                for name in (list(urls) if rep % 2 == 0 else list(urls)[::-1]):
+                    result = _summary(bench(urls[name], reqs, c))
+                    runs.setdefault(name, {}).setdefault(c, []).append(result)
+                    print(f"{name} @ {c} (run {rep + 1}): {result['output_throughput']:.1f} out "
+                          f"tok/s, TTFT {result['mean_ttft_ms']:.0f} ms, TPOT "
+                          f"{result['mean_tpot_ms']:.1f} ms", flush=True)
+    return {name: {c: median_run(rs) for c, rs in levels.items()}
+            for name, levels in runs.items()}, skipped
+
+
+def median_run(rs: list[dict]) -> dict:
+    """The run of median output throughput (the lower middle one of an even count), with every
+    run's throughput beside it."""
+    mid = sorted(rs, key=lambda r: r["output_throughput"])[(len(rs) - 1) // 2]
+    return {**mid, "runs_output_throughput": [r["output_throughput"] for r in rs]}
 
 
 def run_transformers_levels(model: str, vocab: int, args) -> dict:
@@ -147,7 +174,8 @@ def run(args) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or
               "random weights, Qwen2.5-0.5B shape", "dtype": args.dtype,
               "input_len": args.input_len, "output_len": args.output_len,
-              "concurrency": args.concurrency, "cpu_count": os.cpu_count(),
+              "concurrency": args.concurrency, "repeats": args.repeats,
+              "cpu_count": os.cpu_count(),
               "machine": machine.to_dict(),
               "roofline": bounds(cost, machine, args.input_len, args.output_len),
               "results": {}, "skipped": {}}
@@ -167,12 +195,10 @@ def run(args) -> dict:
         except peers.PeerUnavailable as e:
             report["skipped"]["llama-server"] = str(e)
             print(f"llama-server skipped: {e}", flush=True)
-    for peer in peer_list:
-        try:
-            # tokenmill serves the folder under its path; llama-server takes any name.
-            report["results"][peer.name] = run_server_levels(peer, model, vocab, args)
-        except peers.PeerUnavailable as e:
-            report["skipped"][peer.name] = str(e)
+    # tokenmill serves the folder under its path; llama-server takes any name.
+    results, skipped = run_server_levels(peer_list, model, vocab, args)
+    report["results"].update(results)
+    report["skipped"].update(skipped)
     if "transformers" not in args.skip:
         report["results"]["transformers"] = run_transformers_levels(model, vocab, args)
     if "shared-prefix" not in args.skip:
@@ -273,6 +299,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prompts-per-client", type=int, default=2)
     p.add_argument("--min-prompts", type=int, default=8)   # batch 1: 4 requests were too noisy
+    p.add_argument("--repeats", type=int, default=3,
+                   help="Runs of each level per server, the servers taking turns; the median "
+                        "run is reported.")
     p.add_argument("--shared-prefix-len", type=int, default=1024)
     p.add_argument("--shared-prefix-prompts", type=int, default=17)
     p.add_argument("--max-num-seqs", type=int, default=64)
