@@ -92,7 +92,7 @@ def test_warm_up_levels_and_shared_prefix_draw_different_prompts():
     # A warm-up prompt that comes back in a level is answered from the servers' prompt caches
     # (seed -1 and seed 1 are one seed to random.Random: that happened at batch 1).
     args = argparse.Namespace(seed=0, input_len=8, output_len=4, shared_prefix_len=16)
-    seeds = [_seed(args, p) for p in ("warm-up", "level-1", "level-4", "shared-prefix")]
+    seeds = [_seed(args, p) for p in ("warm-up", "level-1/0", "level-1/1", "shared-prefix")]
     assert len(set(seeds)) == 4
     prompts = [tuple(r.prompt) for s in seeds for r in _dataset(args, 1000, 4, s)]
     assert len(set(prompts)) == len(prompts) == 16

@@ -54,6 +54,12 @@ def _prompts_at(concurrency: int, args) -> int:
     return max(args.min_prompts, args.prompts_per_client * concurrency)
 
 
+def _level_requests(args, vocab: int, concurrency: int, run: int = 0):
+    """A level's requests for one run (transformers' single run gets the servers' first)."""
+    return _dataset(args, vocab, _prompts_at(concurrency, args),
+                    _seed(args, f"level-{concurrency}/{run}"))
+
+
 def _summary(result: dict) -> dict:
     keys = ("completed", "failed", "duration", "output_throughput", "mean_ttft_ms",
             "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms")
@@ -88,7 +94,7 @@ def run_server_levels(peer_list: list, model_name: str, vocab: int, args) -> tup
             bench(urls[peer.name], _dataset(args, vocab, 2, _seed(args, "warm-up")))
         for c in args.concurrency:
             for rep in range(args.repeats):
-                reqs = _dataset(args, vocab, _prompts_at(c, args), _seed(args, f"level-{c}/{rep}"))
+                reqs = _level_requests(args, vocab, c, rep)
                 for name in (list(urls) if rep % 2 == 0 else list(urls)[::-1]):
                     result = _summary(bench(urls[name], reqs, c))
                     runs.setdefault(name, {}).setdefault(c, []).append(result)
@@ -112,7 +118,7 @@ def run_transformers_levels(model: str, vocab: int, args) -> dict:
     out = {}
     runner = None
     for c in args.concurrency:
-        reqs = _dataset(args, vocab, _prompts_at(c, args), _seed(args, f"level-{c}"))
+        reqs = _level_requests(args, vocab, c)
         wl = Workload([r.prompt for r in reqs], [r.output_len for r in reqs])
         if runner is None:   # loaded once; only the static batch size changes per level
             runner = TransformersRunner(model, args.dtype, batch_size=c)
