@@ -12,7 +12,8 @@ import sys
 import pytest
 from transformers import Qwen2Config
 
-from tokenmill.bench.compare import _dataset, _seed, markdown, median_run, plot, ratios
+from tokenmill.bench.compare import (_dataset, _seed, markdown, median_run, plot, ratios,
+                                     variants)
 from tokenmill.bench.roofline import Machine, ModelCost, bounds
 
 QWEN_05B = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -100,6 +101,25 @@ def test_warm_up_levels_and_shared_prefix_draw_different_prompts():
     assert again[0].prompt == _dataset(args, 1000, 4, seeds[0])[0].prompt
 
 
+def test_variants_parse_names_and_flags():
+    assert variants(["chunk512=--max-num-batched-tokens 512", "plain="]) == [
+        ("chunk512", ("--max-num-batched-tokens", "512")), ("plain", ())]
+    for bad in (["noflags"], ["=--x 1"], ["a b=--x"], ["a=--x", "a=--y"]):
+        with pytest.raises(ValueError, match="NAME=FLAGS"):
+            variants(bad)
+
+
+def test_a_variant_gets_its_own_ratio_column():
+    report = _report()
+    report["results"]["tokenmill-chunk512"] = {4: {"output_throughput": 80.0}}
+    report["ratios"] = ratios(report)
+    assert report["ratios"][4]["over_tokenmill-chunk512"] == 1.25
+    table = markdown(report)
+    assert "| tokenmill / llama-server | tokenmill / transformers | tokenmill / " \
+           "tokenmill-chunk512 | share" in table
+    assert "| 4 | - | 4.00x | 1.25x | 50% |" in table
+
+
 def test_a_level_reports_its_median_run():
     runs = [{"output_throughput": t, "mean_ttft_ms": t * 10} for t in (30.0, 10.0, 20.0)]
     assert median_run(runs) == {"output_throughput": 20.0, "mean_ttft_ms": 200.0,
@@ -124,12 +144,13 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
            "--dtype", "float32", "--concurrency", "1", "4", "--input-len", "16",
            "--output-len", "8", "--min-prompts", "4", "--repeats", "2",
            "--shared-prefix-len", "64", "--shared-prefix-prompts", "3",
+           "--tokenmill-variant", "chunked=--max-num-batched-tokens 8",
            "--skip", "llama-server", "--work-dir", str(tmp_path / "work"),
            "--result-file", str(result), "--markdown", str(table), "--plot", str(png)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads(result.read_text())
-    for peer in ("tokenmill", "transformers"):
+    for peer in ("tokenmill", "tokenmill-chunked", "transformers"):
         assert set(report["results"][peer]) == {"1", "4"}
         assert all(v["output_throughput"] > 0 for v in report["results"][peer].values())
     for c, v in report["results"]["tokenmill"].items():
@@ -142,4 +163,6 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     assert sp["ttft_off_over_on"] == sp["off"]["median_ttft_ms"] / sp["on"]["median_ttft_ms"]
     assert "median TTFT" in table.read_text()
     assert "| 4 | tokenmill |" in table.read_text()
+    assert "| 4 | tokenmill-chunked |" in table.read_text()
+    assert (tmp_path / "work" / "tokenmill-chunked.log").exists()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +162,22 @@ def _tokenmill_flags(args) -> tuple[str, ...]:
     return ("--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs))
 
 
+def variants(specs: list[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """``--tokenmill-variant NAME=FLAGS``: more tokenmill servers, the same checkpoint with
+    extra ``tokenmill serve`` flags, taking their turns beside the others (an A/B of a server
+    setting on this drifting host has to run in one run)."""
+    out, seen = [], set()
+    for spec in specs or ():
+        name, sep, flags = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in seen:
+            raise ValueError(f"--tokenmill-variant {spec!r}: expected NAME=FLAGS with a new "
+                             "NAME of letters, digits, '.', '_' or '-'")
+        seen.add(name)
+        out.append((name, tuple(shlex.split(flags))))
+    return out
+
+
 def _default_model(tmp: Path, dtype: str) -> str:
     from tokenmill.testing.checkpoints import make_checkpoint
 
@@ -189,6 +208,9 @@ def run(args) -> dict:
 
     vocab = cfg.vocab_size
     peer_list = [peers.TokenmillPeer(work, model, _tokenmill_flags(args))]
+    for name, flags in variants(args.tokenmill_variant):
+        peer_list.append(peers.TokenmillPeer(work, model, _tokenmill_flags(args) + flags,
+                                             name=f"tokenmill-{name}"))
     if "llama-server" not in args.skip:
         try:
             src = Path(args.llama_cpp_src) if args.llama_cpp_src else peers.llama_cpp_sources()
@@ -225,8 +247,8 @@ def ratios(report: dict) -> dict:
     tm = res.get("tokenmill", {})
     for c, r in tm.items():
         row = {"roofline_share": r["output_throughput"] / roof["large_batch_out_tok_s"]}
-        for peer in ("llama-server", "transformers"):
-            if peer in res and c in res[peer]:
+        for peer in res:
+            if peer != "tokenmill" and c in res[peer]:
                 row[f"over_{peer}"] = r["output_throughput"] / res[peer][c]["output_throughput"]
         out[c] = row
     return out
@@ -243,12 +265,13 @@ def markdown(report: dict) -> str:
             ttft = f"{r['mean_ttft_ms']:.0f}" if "mean_ttft_ms" in r else "-"
             tpot = f"{r['mean_tpot_ms']:.1f}" if "mean_tpot_ms" in r else "-"
             lines.append(f"| {c} | {peer} | {r['output_throughput']:.1f} | {ttft} | {tpot} |")
-    lines += ["", "| clients | tokenmill / llama-server | tokenmill / transformers | "
-              "share of the compute roofline |", "|---|---|---|---|"]
+    others = ["llama-server", "transformers"] + [
+        p for p in res if p not in ("tokenmill", "llama-server", "transformers")]
+    lines += ["", "| clients | " + " | ".join(f"tokenmill / {p}" for p in others)
+              + " | share of the compute roofline |", "|---" * (len(others) + 2) + "|"]
     for c, r in rat.items():
-        ls = f"{r['over_llama-server']:.2f}x" if "over_llama-server" in r else "-"
-        tf = f"{r['over_transformers']:.2f}x" if "over_transformers" in r else "-"
-        lines.append(f"| {c} | {ls} | {tf} | {r['roofline_share'] * 100:.0f}% |")
+        cells = [f"{r[f'over_{p}']:.2f}x" if f"over_{p}" in r else "-" for p in others]
+        lines.append(f"| {c} | {' | '.join(cells)} | {r['roofline_share'] * 100:.0f}% |")
     roof, m = report["roofline"], report["machine"]
     amx = [round(x.get("amx_gemm_gflops", 0)) for x in report.get("machine_samples", [])]
     lines += ["", f"Machine (the best of {len(amx) or 1} measurements"
@@ -311,6 +334,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-prefix-len", type=int, default=1024)
     p.add_argument("--shared-prefix-prompts", type=int, default=17)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--tokenmill-variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="Another tokenmill server with these extra serve flags, measured in "
+                        "turns with the others as tokenmill-NAME (repeatable), e.g. "
+                        "'chunk512=--max-num-batched-tokens 512'.")
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["llama-server", "transformers", "shared-prefix"])
     p.add_argument("--llama-cpp-src", default=None,
@@ -323,6 +350,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
+    try:
+        variants(args.tokenmill_variant)     # before minutes of machine measurement
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = run(args)
     report["shared_prefix_len"] = args.shared_prefix_len
     table = markdown(report)
