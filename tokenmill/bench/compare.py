@@ -187,7 +187,8 @@ def _default_model(tmp: Path, dtype: str) -> str:
                                dtype=dtype, vocab_size=QWEN_05B_VOCAB))
 
 
-def run(args) -> dict:
+def run(args, tokenmill_variants: list[tuple[str, tuple[str, ...]]] = ()) -> dict:
+    """The whole comparison; ``tokenmill_variants`` as ``variants`` parses them."""
     from transformers import AutoConfig
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tokenmill-compare-"))
@@ -208,7 +209,7 @@ def run(args) -> dict:
 
     vocab = cfg.vocab_size
     peer_list = [peers.TokenmillPeer(work, model, _tokenmill_flags(args))]
-    for name, flags in variants(args.tokenmill_variant):
+    for name, flags in tokenmill_variants:
         peer_list.append(peers.TokenmillPeer(work, model, _tokenmill_flags(args) + flags,
                                              name=f"tokenmill-{name}"))
     if "llama-server" not in args.skip:
@@ -351,11 +352,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args) -> int:
     try:
-        variants(args.tokenmill_variant)     # before minutes of machine measurement
+        tokenmill_variants = variants(args.tokenmill_variant)   # before minutes of measuring
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = run(args)
+    report = run(args, tokenmill_variants)
     report["shared_prefix_len"] = args.shared_prefix_len
     table = markdown(report)
     print(table)
