@@ -18,6 +18,7 @@ from torch import nn
 
 from tokenmill.models.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding,
                                      rope_parameters)
+from tokenmill.models.native_decode import NativeDecodeStack
 from tokenmill.models.registry import CausalLM, register
 from tokenmill.worker.attention import AttentionMetadata
 
@@ -56,12 +57,20 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim, rope_parameters(config),
                                           config.max_position_embeddings)
+        self.native_decode: NativeDecodeStack | None = None   # set by use_cpu_gemm
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                         # x: [T, hidden]
         cos, sin = self.rotary_emb(positions, x.dtype)           # cos, sin: [T, 1, D]
+        if self.native_decode is not None and self.native_decode.applies(x, meta):
+            return self.native_decode(x, cos, sin, kv_caches, meta)
+        return self.run_layers(x, cos, sin, kv_caches, meta)
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """The decoder layers and the final norm, from the embeddings x [T, hidden]."""
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
@@ -78,6 +87,11 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_cpu_gemm(self, plan) -> int:
+        extra = super().use_cpu_gemm(plan)
+        self.model.native_decode = NativeDecodeStack.build(self.model, plan)
+        return extra
 
     def attention_options(self, config) -> dict:
         """Keyword arguments of ``Attention`` that differ between families."""

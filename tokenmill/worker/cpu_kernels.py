@@ -114,6 +114,9 @@ def _load():
                 lib.rope_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
                 lib.argmax_bf16.restype = ctypes.c_int
                 lib.argmax_bf16.argtypes = [ptr, i64, i64, i64, ptr]
+                lib.decode_layers_bf16.restype = ctypes.c_int
+                lib.decode_layers_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                                   ctypes.c_int, ptr, ctypes.c_int, ptr]
             except (OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 logger.warning("building the CPU kernels failed (%s %s): their PyTorch paths "
@@ -302,4 +305,48 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     rc = _loaded["lib"].argmax_bf16(logits.data_ptr(), logits.stride(0), B, V, out.data_ptr())
     if rc != 0:
         raise RuntimeError(f"argmax_bf16 failed ({rc})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A decode-only step's decoder layers in one call (csrc/decode_layers.c)
+
+
+class DecodeDims(ctypes.Structure):
+    """A model's geometry as ``decode_layers_bf16`` reads it (``tm_dims``)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "num_layers", "hidden", "inter", "num_heads", "num_kv_heads", "head_dim", "num_blocks",
+        "block_size", "window", "amx_min_rows")] + [
+        (name, ctypes.c_float) for name in ("eps", "qk_eps", "scale")]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One layer's tensors (``tm_layer``): data pointers, 0 for an absent bias or q/k norm."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "ln1", "ln2", "wqkv", "wo", "wgu", "wd", "bqkv", "bo", "bgu", "bd", "q_norm", "k_norm",
+        "cache")]
+
+
+def decode_layers_supported() -> bool:
+    lib = _load() if enabled() else None
+    return lib is not None and bool(lib.has_decode_layers_bf16())
+
+
+def decode_layers(dims: DecodeDims, layers: ctypes.Array, final_norm: torch.Tensor,
+                  x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """The final-normed hidden states [M, hidden] of M decode tokens whose embeddings are x
+    ([M, hidden] bf16), through every layer of ``layers``; cos, sin [M, head_dim], slots [M]
+    int64, table [M, max_blocks] and lens [M] int32 (all contiguous). Call
+    ``decode_layers_supported`` first."""
+    M = x.shape[0]
+    out = torch.empty_like(x)
+    rc = _loaded["lib"].decode_layers_bf16(
+        ctypes.byref(dims), layers, final_norm.data_ptr(), x.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), slots.data_ptr(), table.data_ptr(), table.shape[1], lens.data_ptr(), M,
+        out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"decode_layers_bf16 failed ({rc})")
     return out
