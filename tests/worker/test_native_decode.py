@@ -55,18 +55,22 @@ def test_native_stack_equals_the_python_layers_on_every_decode_step(tmp_path, ar
     assert all(same for _, same in both.steps), both.steps
 
 
-def test_stack_steps_aside_for_prefills_and_large_batches(tmp_path):
+def test_stack_steps_aside_for_prefills_and_large_batches(tmp_path, monkeypatch):
+    from tokenmill.worker import cpu_gemm
+
+    # The large path from 8 rows (where it is not AMX): decode steps of 12 rows take it, so
+    # the stack must leave them to the Python layers.
+    for path in ("fp32", "onednn"):
+        monkeypatch.setitem(cpu_gemm.MIN_ROWS, path, 8)
     path = make_checkpoint(tmp_path / "m", "llama", size="tiny")
     llm = LLM(model=str(path), dtype="bfloat16", show_progress=False, block_size=4)
     model = llm.engine.core.runner.model.model
     both = model.native_decode = BothPaths(model)
-    # 40 sequences: decode steps of 40 rows take the plan's large path (oneDNN or fp32 from 32
-    # rows) where it is not AMX, so the stack must leave those to the Python layers.
-    prompts = [{"prompt_token_ids": [3 + i, 4, 5]} for i in range(40)]
+    prompts = [{"prompt_token_ids": [3 + i, 4, 5]} for i in range(12)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
     assert all(same for _, same in both.steps)
     if both.stack.max_rows is None:      # AMX: every decode step is the stack's
-        assert max(rows for rows, _ in both.steps) == 40
+        assert max(rows for rows, _ in both.steps) == 12
     else:
-        assert all(rows < both.stack.max_rows for rows, _ in both.steps)
+        assert both.stack.max_rows == 8 and all(rows < 8 for rows, _ in both.steps)

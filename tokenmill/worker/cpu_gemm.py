@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 PATHS = ("amx", "fp32", "onednn")
 # From these rows on the large path beats the packed bf16 kernel on weights not in cache
-# (AMX: 1.06-1.16x at 6 rows; fp32 and oneDNN: about even at 32, ahead from 64).
-MIN_ROWS = {"amx": 6, "fp32": 32, "onednn": 32}
+# (AMX: 1.06-1.16x at 6 rows; fp32: about even at 32, ahead from 64; oneDNN on the EPYC: even
+# from 64 to 192 rows on the Qwen2.5-0.5B shapes, ahead from 256). Below, a decode-only step
+# also runs as one native call (models/native_decode.py), which is why oneDNN starts late.
+MIN_ROWS = {"amx": 6, "fp32": 32, "onednn": 128}
 # The measured matmul: 64 rows (a decode step under load) through a 4096 x 1024 weight (8 MB,
 # the size of a small model's MLP projection).
 PROBE_ROWS, PROBE_OUT, PROBE_IN = 64, 4096, 1024
