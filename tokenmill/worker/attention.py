@@ -14,7 +14,9 @@ then prefill chunks. Every token's K/V is written to its slot (``block_id * bloc
 offset``), then:
 
 * decodes, on CPU with the native kernel (``cpu_kernels``), attend in place: one call reads
-  each sequence's blocks through its block table, nothing is gathered;
+  each sequence's blocks through its block table, nothing is gathered; where that kernel is
+  the AVX-512 bf16 one, prefill tokens join the same call, each a query row over its own
+  causal prefix (faster than SDPA there; no gather, no mask);
 * else decodes attend in groups: the runner orders them longest first and ``build_metadata``
   cuts them into groups of similar length, each gathered and attended on its own (padded to
   its longest member, a mask hiding the padding);
@@ -103,8 +105,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor                       # [T] int64
     num_decode_tokens: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
-    # The native kernel's inputs instead of groups: [nd, max blocks] int32 block ids (padded
-    # with 0) and [nd] int32 context lengths.
+    # The native kernel's inputs instead of groups: [rows, max blocks] int32 block ids (padded
+    # with 0) and [rows] int32 context lengths, for the decode rows or (native prefill) all.
     decode_table: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     sliding_window: int | None = None
@@ -168,11 +170,13 @@ def group_decodes(widths: list[int]) -> list[tuple[int, int]]:
 
 
 def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int | None,
-                   device, native_decode: bool = False) -> AttentionMetadata:
+                   device, native_decode: bool = False,
+                   native_prefill: bool = False) -> AttentionMetadata:
     """Metadata for a step whose rows are ``spans`` in order: decodes (one token) first.
 
     ``native_decode``: decodes go to the native kernel (block tables); else they are grouped
-    as they come, so put them longest first for the least padding.
+    as they come, so put them longest first for the least padding. ``native_prefill`` (with
+    ``native_decode``): every row goes to it, a prompt token as a query over its prefix.
     """
     bs = spec.block_size
     slots: list[int] = []
@@ -186,6 +190,9 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
     meta = AttentionMetadata(slot_mapping=_long(slots, device), num_decode_tokens=nd,
                              sliding_window=sliding_window)
 
+    if native_decode and native_prefill and nd < len(spans):
+        _native_rows(meta, spans, bs, device)
+        return meta
     lens = [s.start_pos + 1 for s in spans[:nd]]
     widths = [-(-n // bs) for n in lens]   # blocks each decode reads
     if nd and native_decode:
@@ -220,6 +227,21 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
     return meta
 
 
+def _native_rows(meta: AttentionMetadata, spans: list[SeqSpan], bs: int, device) -> None:
+    """Every row a query of the native kernel: token i of a span sees its first
+    start_pos + i + 1 positions, through its sequence's block table (one row per token)."""
+    lens: list[int] = []
+    for s in spans:
+        lens.extend(range(s.start_pos + 1, s.start_pos + s.num_tokens + 1))
+    widths = [-(-(s.start_pos + s.num_tokens) // bs) for s in spans]
+    width = max(widths)
+    table = torch.tensor([s.block_ids[:w] + [0] * (width - w) for s, w in zip(spans, widths)],
+                         dtype=torch.int32, device=device)
+    counts = torch.tensor([s.num_tokens for s in spans], device=device)
+    meta.decode_table = table.repeat_interleave(counts, dim=0)
+    meta.decode_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+
+
 def _additive(visible: torch.Tensor) -> torch.Tensor:
     # NOTE: SDPA turns a bool mask into an additive one on every call (8 layers x groups);
     # once per step here is cheaper. float32 was the fastest mask dtype with bf16 q on CPU.
@@ -252,9 +274,9 @@ def paged_attention(
     gqa = q.shape[1] != num_kv_heads
     out = torch.empty_like(q)
     if meta.decode_table is not None:
-        nd = meta.num_decode_tokens
-        cpu_kernels.decode_attention(q[:nd], kv_cache, meta.decode_table, meta.decode_lens,
-                                     scale, meta.sliding_window, out[:nd])
+        n = meta.decode_table.shape[0]   # the decodes, or every row (native prefill)
+        cpu_kernels.decode_attention(q[:n], kv_cache, meta.decode_table, meta.decode_lens,
+                                     scale, meta.sliding_window, out[:n])
 
     for grp in meta.decode_groups:
         kv = rows.index_select(0, grp.gather).view(2, num_kv_heads, grp.num_seqs, -1, head_dim)

@@ -149,6 +149,16 @@ def supports(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_he
             and num_heads // num_kv_heads <= MAX_GROUP and _load() is not None)
 
 
+def prefill_supported(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether prefill chunks also go through ``decode_attention``, one query row per token
+    (after ``supports``): where the AVX-512 bf16 kernel runs, which beat SDPA's causal
+    attention here 2.6x on 16 prompts of 128 tokens and 1.6x on one of 2048 (BENCHMARKS.md);
+    the portable kernels are slower than SDPA there."""
+    lib = _load()
+    return (dtype == torch.bfloat16 and head_dim % 32 == 0 and lib is not None
+            and bool(lib.has_avx512_bf16()))
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, window: int | None,
                      out: torch.Tensor) -> None:

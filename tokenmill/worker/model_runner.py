@@ -74,6 +74,8 @@ class ModelRunner:
         self.native_decode = cpu_kernels.supports(self.device, self.dtype,
                                                   self.model.num_heads, self.model.num_kv_heads,
                                                   self.model.head_dim)
+        self.native_prefill = self.native_decode and cpu_kernels.prefill_supported(
+            self.dtype, self.model.head_dim)
         self.sampler = Sampler(self.device, seed=mc.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.forward_time = 0.0  # seconds spent in the model forward (read by the profiler)
@@ -174,7 +176,7 @@ class ModelRunner:
                     plp_rows.append((i, (row0, row0 + end - start),
                                      toks[start + 1:end + 1]))
         meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device,
-                              self.native_decode)
+                              self.native_decode, self.native_prefill)
         return (self._tensor(input_ids), self._tensor(positions), meta, logit_rows, plp_rows)
 
     def _tensor(self, data) -> torch.Tensor:
