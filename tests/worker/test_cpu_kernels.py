@@ -2,8 +2,8 @@
 
 Decode attention against the PyTorch path (itself checked against dense attention in
 test_attention.py): float32 and bfloat16, grouped K/V heads, ragged lengths over shuffled
-blocks, sliding windows, strided query rows; prefill chunks as query rows; the model runner falling back to PyTorch when the
-kernels are switched off. The few-rows bf16 linear against a float32 reference."""
+blocks, sliding windows, strided query rows; prefill chunks as query rows; the model runner
+falling back to PyTorch when the kernels are switched off. The few-rows bf16 linear against a float32 reference."""
 
 from __future__ import annotations
 

@@ -155,8 +155,12 @@ def prefill_supported(dtype: torch.dtype, head_dim: int) -> bool:
     attention here 2.6x on 16 prompts of 128 tokens and 1.6x on one of 2048 (BENCHMARKS.md);
     the portable kernels are slower than SDPA there."""
     lib = _load()
-    return (dtype == torch.bfloat16 and head_dim % 32 == 0 and lib is not None
-            and bool(lib.has_avx512_bf16()))
+    return dtype == torch.bfloat16 and lib is not None and _bf16_avx512(lib, head_dim)
+
+
+def _bf16_avx512(lib, head_dim: int) -> bool:
+    """Whether bf16 attention runs the AVX-512 kernel (else the portable one)."""
+    return head_dim % 32 == 0 and bool(lib.has_avx512_bf16())
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -173,7 +177,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     assert block_table.dtype == seq_lens.dtype == torch.int32 and block_table.is_contiguous()
     if q.dtype == torch.float32:
         fn = lib.paged_decode_attention_f32
-    elif D % 32 == 0 and lib.has_avx512_bf16():
+    elif _bf16_avx512(lib, D):
         fn = lib.paged_decode_attention_bf16_avx512
     else:
         fn = lib.paged_decode_attention_bf16

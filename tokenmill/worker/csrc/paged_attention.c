@@ -216,8 +216,8 @@ static void pv_rows(const float *scores, int64_t stride, const __m512i *vp, int 
 
 /* The same computation, hand-vectorized for AVX-512 with bf16 dot products (head_dim a multiple
  * of 32), 16 keys at a time. K rows: vdpbf16ps multiplies bf16 pairs exactly and accumulates in
- * fp32; V rows are widened to fp32 and accumulated with FMAs. scores: G rows of n rounded up
- * to 16. */
+ * fp32; P.V: vdpbf16ps again, P rounded to bf16, V rows paired (pv_tile). scores: G rows of n
+ * rounded up to 16. */
 static void decode_one_bf16(const uint16_t *q, const uint16_t *kbase, const uint16_t *vbase,
                             const int32_t *blocks, int block_size, int start, int len, int G,
                             int D, float scale, float *scores, uint16_t *out) {
