@@ -135,7 +135,9 @@ def test_engine_greedy_same_with_and_without_kernel(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not cpu_kernels.linear_supported(torch.zeros(16, 32, dtype=torch.bfloat16)),
                     reason="no AVX-512 bf16 on this CPU")
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 31])
+# Row tiles of every shape the kernel has: 1-6 rows x 4 output blocks, 7-8 x 3, 9-12 x 2,
+# 13-16 x 1; 17 and 33 rows split into tiles with zero-padded rows.
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 13, 16, 17, 31, 33])
 @pytest.mark.parametrize("n,k,bias", [(48, 64, True), (1000, 512, False), (37, 94, True)])
 def test_native_linear_matches_float32_reference(m, n, k, bias):
     gen = torch.Generator().manual_seed(m * n)
