@@ -30,12 +30,16 @@
 #define MAX_NJ 4
 #define PF 96  /* prefetch distance in 64-byte loads */
 
-/* MT rows x NJ blocks of 16 outputs over all of K; NJ x MT accumulators + NJ weights + one
- * broadcast fit the 32 zmm registers, and NJ >= 2 below 8 rows keeps enough independent
- * vdpbf16ps chains to hide its latency. */
-#define MICRO(MT, NJ)                                                                         \
+/* Blocks of 16 outputs a micro-kernel of MT rows computes: NJ x MT accumulators + NJ
+ * weights + one broadcast fit the 32 zmm registers, and NJ >= 2 below 8 rows keeps enough
+ * independent vdpbf16ps chains to hide its latency. */
+#define NJ_OF(MT) ((MT) <= 6 ? 4 : (MT) <= 8 ? 3 : (MT) <= 12 ? 2 : 1)
+
+/* MT rows x NJ_OF(MT) blocks of 16 outputs over all of K. */
+#define MICRO(MT)                                                                             \
     static void micro_##MT(const uint32_t *xt, const uint16_t *const *wb, int64_t KP,         \
                            __m512 *out) {                                                     \
+        enum { NJ = NJ_OF(MT) };                                                              \
         __m512 acc[MT][NJ];                                                                   \
         for (int m = 0; m < MT; m++)                                                          \
             for (int j = 0; j < NJ; j++) acc[m][j] = _mm512_setzero_ps();                     \
@@ -56,15 +60,13 @@
         for (int m = 0; m < MT; m++)                                                          \
             for (int j = 0; j < NJ; j++) out[m * MAX_NJ + j] = acc[m][j];                     \
     }
-MICRO(1, 4) MICRO(2, 4) MICRO(3, 4) MICRO(4, 4) MICRO(5, 4) MICRO(6, 4) MICRO(7, 3) MICRO(8, 3)
-MICRO(9, 2) MICRO(10, 2) MICRO(11, 2) MICRO(12, 2) MICRO(13, 1) MICRO(14, 1) MICRO(15, 1)
-MICRO(16, 1)
+MICRO(1) MICRO(2) MICRO(3) MICRO(4) MICRO(5) MICRO(6) MICRO(7) MICRO(8) MICRO(9) MICRO(10)
+MICRO(11) MICRO(12) MICRO(13) MICRO(14) MICRO(15) MICRO(16)
 
 typedef void (*micro_fn)(const uint32_t *, const uint16_t *const *, int64_t, __m512 *);
 static const micro_fn MICROS[MAX_MT + 1] = {
     0, micro_1, micro_2, micro_3, micro_4, micro_5, micro_6, micro_7, micro_8, micro_9,
     micro_10, micro_11, micro_12, micro_13, micro_14, micro_15, micro_16};
-static const int NJS[MAX_MT + 1] = {0, 4, 4, 4, 4, 4, 4, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1};
 
 /* The interleaved x of the calling thread, kept between calls: a decode step makes a few
  * hundred of them, and a fresh allocation of over 128 KB is a fresh mmap each time. */
@@ -84,8 +86,12 @@ static uint32_t *interleave_rows(const uint16_t *x, int64_t x_stride, int M, int
         for (int m = 0; m < MT; m++) {   /* rows past M are zero: a padded tile wastes, not errs */
             const int row = t * MT + m;
             uint32_t *dst = xt_buf + (int64_t)t * MT * KP + m;
+            if (row >= M) {
+                for (int64_t kk = 0; kk < KP; kk++) dst[kk * MT] = 0;
+                continue;
+            }
             const uint32_t *src = (const uint32_t *)(x + (int64_t)row * x_stride);
-            for (int64_t kk = 0; kk < KP; kk++) dst[kk * MT] = row < M ? src[kk] : 0;
+            for (int64_t kk = 0; kk < KP; kk++) dst[kk * MT] = src[kk];
         }
     return xt_buf;
 }
@@ -95,7 +101,7 @@ int linear_bf16_vnni(const uint16_t *x, int64_t x_stride, const uint16_t *wp,
                      int64_t K) {
     if (M < 1 || K % 2) return -1;
     const int64_t KP = K / 2, NB = (N + 15) / 16;
-    const int tiles = (M + MAX_MT - 1) / MAX_MT, MT = (M + tiles - 1) / tiles, NJ = NJS[MT];
+    const int tiles = (M + MAX_MT - 1) / MAX_MT, MT = (M + tiles - 1) / tiles, NJ = NJ_OF(MT);
     const int64_t NP = (NB + NJ - 1) / NJ;
     const uint32_t *xt = interleave_rows(x, x_stride, M, tiles, MT, KP);
     if (!xt) return -2;
