@@ -127,7 +127,8 @@ def test_engine_greedy_same_with_and_without_kernel(tmp_path, monkeypatch):
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("TOKENMILL_NATIVE_KERNELS", flag)
-        llm = LLM(model=str(path), dtype="float32", show_progress=False, block_size=4)
+        llm = LLM(model=str(path), dtype="float32", show_progress=False, block_size=4,
+                  device="cpu")
         assert llm.engine.core.runner.native_decode == (flag == "1")
         outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["1"] == outs["0"]

@@ -45,7 +45,7 @@ class BothPaths:
 ])
 def test_native_stack_equals_the_python_layers_on_every_decode_step(tmp_path, arch, overrides):
     path = make_checkpoint(tmp_path / arch, arch, size="tiny", **overrides)
-    llm = LLM(model=str(path), dtype="bfloat16", show_progress=False, block_size=4)
+    llm = LLM(model=str(path), dtype="bfloat16", show_progress=False, block_size=4, device="cpu")
     model = llm.engine.core.runner.model.model
     assert model.native_decode is not None
     both = model.native_decode = BothPaths(model)
@@ -63,7 +63,7 @@ def test_stack_steps_aside_for_prefills_and_large_batches(tmp_path, monkeypatch)
     for path in ("fp32", "onednn"):
         monkeypatch.setitem(cpu_gemm.MIN_ROWS, path, 8)
     path = make_checkpoint(tmp_path / "m", "llama", size="tiny")
-    llm = LLM(model=str(path), dtype="bfloat16", show_progress=False, block_size=4)
+    llm = LLM(model=str(path), dtype="bfloat16", show_progress=False, block_size=4, device="cpu")
     model = llm.engine.core.runner.model.model
     both = model.native_decode = BothPaths(model)
     prompts = [{"prompt_token_ids": [3 + i, 4, 5]} for i in range(12)]

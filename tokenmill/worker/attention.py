@@ -170,9 +170,12 @@ def group_decodes(widths: list[int]) -> list[tuple[int, int]]:
 
 
 def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int | None,
-                   device, native_decode: bool = False,
-                   native_prefill: bool = False) -> AttentionMetadata:
+                   device, native_decode: bool = False, native_prefill: bool = False,
+                   mask_dtype: torch.dtype = torch.float32) -> AttentionMetadata:
     """Metadata for a step whose rows are ``spans`` in order: decodes (one token) first.
+
+    ``mask_dtype``: of the additive masks; off the CPU it must be the query's dtype (see
+    ``_additive``).
 
     ``native_decode``: decodes go to the native kernel (block tables); else they are grouped
     as they come, so put them longest first for the least padding. ``native_prefill`` (with
@@ -205,7 +208,8 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
             width = max(widths[a:b])
             mask = None
             if sliding_window is not None or any(n != width * bs for n in lens[a:b]):
-                mask = _additive(decode_mask(lens[a:b], width * bs, sliding_window, device))
+                mask = _additive(decode_mask(lens[a:b], width * bs, sliding_window, device),
+                                 mask_dtype)
             table: list[int] = []
             for s, w in zip(spans[a:b], widths[a:b]):
                 table.extend(s.block_ids[:w])
@@ -221,7 +225,7 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
             gather = spec.gather_rows(_long(s.block_ids[:-(-ctx // bs)], device))
         if s.start_pos > 0 or (sliding_window is not None and ctx > sliding_window):
             mask = _additive(causal_mask(s.num_tokens, s.start_pos, ctx, sliding_window,
-                                         device))
+                                         device), mask_dtype)
         meta.prefills.append(PrefillChunk(row, s.num_tokens, s.start_pos, gather, mask))
         row += s.num_tokens
     return meta
@@ -242,10 +246,13 @@ def _native_rows(meta: AttentionMetadata, spans: list[SeqSpan], bs: int, device)
     meta.decode_lens = torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def _additive(visible: torch.Tensor) -> torch.Tensor:
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # NOTE: SDPA turns a bool mask into an additive one on every call (8 layers x groups);
     # once per step here is cheaper. float32 was the fastest mask dtype with bf16 q on CPU.
-    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, -math.inf)
+    # On an H100/H200, SDPA's default cuDNN backend reads a float32 mask given with bf16 q as
+    # bf16 (pytorch/pytorch#191612): silently wrong attention. There the mask is q's dtype.
+    return torch.zeros(visible.shape, dtype=dtype,
+                       device=visible.device).masked_fill_(~visible, -math.inf)
 
 
 def _long(data: list[int], device) -> torch.Tensor:

@@ -59,6 +59,7 @@ class ModelRunner:
         self.hf_config = load_hf_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, self.hf_config)
         self.model = load_model(mc.model, self.hf_config, self.dtype, self.device, progress=progress)
+        logger.info("model on %s in %s", self.device, str(self.dtype).removeprefix("torch."))
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             plan = cpu_gemm.choose()
             if self.model.cpu_gemm_bytes(plan.large) <= CPU_GEMM_MAX_BYTES:
@@ -76,6 +77,7 @@ class ModelRunner:
                                                   self.model.head_dim)
         self.native_prefill = self.native_decode and cpu_kernels.prefill_supported(
             self.dtype, self.model.head_dim)
+        self.mask_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.sampler = Sampler(self.device, seed=mc.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.forward_time = 0.0  # seconds spent in the model forward (read by the profiler)
@@ -176,7 +178,7 @@ class ModelRunner:
                     plp_rows.append((i, (row0, row0 + end - start),
                                      toks[start + 1:end + 1]))
         meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device,
-                              self.native_decode, self.native_prefill)
+                              self.native_decode, self.native_prefill, self.mask_dtype)
         return (self._tensor(input_ids), self._tensor(positions), meta, logit_rows, plp_rows)
 
     def _tensor(self, data) -> torch.Tensor:
