@@ -118,15 +118,16 @@ class TokenmillRunner:
 
 
 class TransformersRunner:
-    def __init__(self, model: str, dtype: str, batch_size: int):
+    def __init__(self, model: str, dtype: str, batch_size: int, device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
 
         torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32,
                        "auto": "auto"}[dtype]
+        self.device = device
         self.hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype,
                                                        attn_implementation="sdpa",
-                                                       local_files_only=True).eval()
+                                                       local_files_only=True).to(device).eval()
         self.batch_size = batch_size
 
     def run(self, wl: Workload, progress: bool = False) -> dict:
@@ -141,13 +142,14 @@ class TransformersRunner:
             for b in tqdm(batches, desc="transformers", unit="batch", disable=not progress):
                 width = max(len(wl.prompts[i]) for i in b)
                 ids = torch.tensor([[pad] * (width - len(wl.prompts[i])) + wl.prompts[i]
-                                    for i in b])
+                                    for i in b], device=self.device)
                 mask = torch.tensor([[0] * (width - len(wl.prompts[i]))
-                                     + [1] * len(wl.prompts[i]) for i in b])
+                                     + [1] * len(wl.prompts[i]) for i in b], device=self.device)
                 new = max(wl.output_lens[i] for i in b)
                 out = self.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                        min_new_tokens=new, do_sample=False, pad_token_id=pad)
                 assert out.shape[1] - width == new
+                out.tolist()  # the last step's tokens reached the host, as tokenmill's do
         return _rates(wl, time.perf_counter() - t0)
 
     def warm_up(self, wl: Workload) -> None:
@@ -178,7 +180,8 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -234,7 +237,11 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
                    help="Model folder; default: a random checkpoint of --size made on the fly.")
     p.add_argument("--size", default="mid", help="Size of the random checkpoint (see "
                    "tokenmill.testing.checkpoints.SIZES).")
+    p.add_argument("--arch", default="llama", help="Architecture of the random checkpoint "
+                   "(llama, qwen2, ...; --size qwen2.5-0.5b wants qwen2).")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"])
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda; "
+                   "both engines run there.")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, nargs=2, default=[16, 384], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
@@ -255,15 +262,21 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> int:
     from transformers import AutoConfig
 
+    from tokenmill.config import ModelConfig
+
     tmp = None
     model = args.model
     if model is None:
+        from tokenmill.bench.compare import QWEN_05B_VOCAB
         from tokenmill.testing.checkpoints import make_checkpoint
 
         tmp = tempfile.TemporaryDirectory()
-        model = str(make_checkpoint(Path(tmp.name) / args.size, "llama", size=args.size,
-                                    dtype=args.dtype if args.dtype != "auto" else "bfloat16"))
+        extra = {"vocab_size": QWEN_05B_VOCAB} if args.size == "qwen2.5-0.5b" else {}
+        dtype = args.dtype if args.dtype != "auto" else "bfloat16"
+        model = str(make_checkpoint(Path(tmp.name) / args.size, args.arch, size=args.size,
+                                    dtype=dtype, **extra))
     vocab = AutoConfig.from_pretrained(model, local_files_only=True).vocab_size
+    device = ModelConfig(model=model, device=args.device).resolved_device()
     warm, wls = fresh_workloads(args.num_prompts, vocab, tuple(args.input_len),
                                 tuple(args.output_len), args.seed, args.runs)
     wl = wls[0]
@@ -271,17 +284,18 @@ def run_from_args(args) -> int:
                                                                   if sys.argv[1:2] == ["bench"]
                                                                   else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
-              "model": args.model or f"random {args.size} llama", "dtype": args.dtype,
+              "model": args.model or f"random {args.size} {args.arch}", "dtype": args.dtype,
+              "device": device,
               "num_prompts": args.num_prompts, "prompt_tokens": wl.num_prompt_tokens,
               "output_tokens": wl.num_output_tokens, "runs": args.runs}
-    engine_kwargs = {"max_num_seqs": args.max_num_seqs}
+    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "device": device}
     if args.max_num_batched_tokens:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     runners = {"tokenmill": TokenmillRunner(model, args.dtype, **engine_kwargs)}
     if not args.skip_transformers:
         for bs in args.hf_batch_size:
             runners[f"transformers (batch {bs})"] = TransformersRunner(
-                model, args.hf_dtype or args.dtype, bs)
+                model, args.hf_dtype or args.dtype, bs, device)
     for r in runners.values():
         r.warm_up(warm)
     runs: dict[str, list[dict]] = {name: [] for name in runners}
