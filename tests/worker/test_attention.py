@@ -108,3 +108,19 @@ def test_cpu_cache_starts_zeroed_and_layers_do_not_share_memory(dtype):
     caches[1][3, 299] = 1.5
     assert caches[1].sum().item() == 1.5 * 16 * 64
     assert not caches[0].any() and not caches[2].any()
+
+
+def test_masks_take_the_requested_dtype_with_the_same_pattern():
+    """Off the CPU the runner asks for masks in the query's dtype: on an H100/H200, SDPA's
+    default cuDNN backend reads a float32 mask given with bf16 queries as bf16 (wrong output,
+    no error). The pattern of 0 and -inf must not change with the dtype."""
+    spec = KVCacheSpec(NUM_BLOCKS, BS, HKV, D)
+    spans = [SeqSpan(6, 1, [0, 1]), SeqSpan(2, 1, [2]), SeqSpan(5, 3, [3, 4])]
+    metas = {dt: build_metadata(spans, spec, 3, "cpu", mask_dtype=dt)
+             for dt in (torch.float32, torch.bfloat16)}
+    masks = {dt: [g.mask for g in m.decode_groups] + [p.mask for p in m.prefills]
+             for dt, m in metas.items()}
+    assert all(m is not None for m in masks[torch.float32])
+    assert all(m.dtype == torch.bfloat16 for m in masks[torch.bfloat16])
+    for a, b in zip(masks[torch.float32], masks[torch.bfloat16]):
+        assert a.dtype == torch.float32 and torch.equal(a, b.float())
