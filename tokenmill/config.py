@@ -46,6 +46,8 @@ class ModelConfig:
                                    "default: the model's max_position_embeddings.")
     seed: int = _f(0, "Seed for random sampling of requests that set no seed of their own.")
     device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.")
+    enforce_eager: bool = _f(False, "On a GPU, run decode steps eagerly instead of replaying "
+                             "CUDA graphs.")
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -42,12 +42,14 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | float | str | None = None,
         device: str = "auto",
+        enforce_eager: bool = False,
         chat_template: str | None = None,
         show_progress: bool = True,
     ):
         config = EngineConfig(
             model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype,
-                              max_model_len=max_model_len, seed=seed, device=device),
+                              max_model_len=max_model_len, seed=seed, device=device,
+                              enforce_eager=enforce_eager),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               num_kv_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),

@@ -19,6 +19,7 @@ from tokenmill.engine.interfaces import ModelRunnerOutput, ScheduledSeq, Schedul
 from tokenmill.models.loader import load_hf_config, load_model, resolve_dtype
 from tokenmill.worker import cpu_gemm, cpu_kernels
 from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
+from tokenmill.worker.cuda_graphs import DecodeGraphs
 from tokenmill.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.sliding_window = getattr(self.model, "sliding_window", None)
         self.num_blocks = self._decide_num_blocks(config)
-        self.kv_spec = KVCacheSpec(self.num_blocks, self.block_size, self.model.num_kv_heads,
-                                   self.model.head_dim)
+        graphs = self.device.type == "cuda" and not mc.enforce_eager
+        # With CUDA graphs one block more than the scheduler hands out: the padding's scratch.
+        self.kv_spec = KVCacheSpec(self.num_blocks + graphs, self.block_size,
+                                   self.model.num_kv_heads, self.model.head_dim)
         self.kv_caches = self.kv_spec.allocate(self.model.num_layers, self.dtype, self.device)
         self.native_decode = cpu_kernels.supports(self.device, self.dtype,
                                                   self.model.num_heads, self.model.num_kv_heads,
@@ -78,6 +81,12 @@ class ModelRunner:
         self.native_prefill = self.native_decode and cpu_kernels.prefill_supported(
             self.dtype, self.model.head_dim)
         self.mask_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.cuda_graphs = None
+        if graphs:
+            self.cuda_graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.kv_spec, self.num_blocks, self.dtype,
+                self.sliding_window, config.scheduler.max_num_seqs,
+                -(-config.model.max_model_len // self.block_size))
         self.sampler = Sampler(self.device, seed=mc.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.forward_time = 0.0  # seconds spent in the model forward (read by the profiler)
@@ -121,9 +130,13 @@ class ModelRunner:
         # them in a few groups of similar length (least padding).
         order = sorted(range(len(seqs)), key=lambda i: (seqs[i].num_tokens != 1,
                                                         -seqs[i].start_pos))
-        input_ids, positions, meta, logit_rows, plp_rows = self._prepare(seqs, order)
+        ids, pos, spans, logit_rows, plp_rows = self._flatten(seqs, order)
         t0 = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self._run_graph(ids, pos, spans)
+        if hidden is None:
+            meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device,
+                                  self.native_decode, self.native_prefill, self.mask_dtype)
+            hidden = self.model(self._tensor(ids), self._tensor(pos), self.kv_caches, meta)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forward_time += time.perf_counter() - t0
@@ -155,7 +168,18 @@ class ModelRunner:
                 self.generators[r.request_id] = gen
         return SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.eos_token_ids, gen)
 
-    def _prepare(self, seqs: list[ScheduledSeq], order: list[int]):
+    def _run_graph(self, ids: list[int], pos: list[int],
+                   spans: list[SeqSpan]) -> torch.Tensor | None:
+        """A decode-only step through a CUDA graph; None where it runs eagerly."""
+        if self.cuda_graphs is None or len(ids) != len(spans):
+            return None
+        bs = self.block_size
+        shape = self.cuda_graphs.shape_for(len(spans), -(-(max(pos) + 1) // bs))
+        if shape is None:
+            return None
+        return self.cuda_graphs.run(shape, ids, pos, [s.block_ids for s in spans])
+
+    def _flatten(self, seqs: list[ScheduledSeq], order: list[int]):
         input_ids: list[int] = []
         positions: list[int] = []
         spans: list[SeqSpan] = []
@@ -177,9 +201,7 @@ class ModelRunner:
                 if end > start:
                     plp_rows.append((i, (row0, row0 + end - start),
                                      toks[start + 1:end + 1]))
-        meta = build_metadata(spans, self.kv_spec, self.sliding_window, self.device,
-                              self.native_decode, self.native_prefill, self.mask_dtype)
-        return (self._tensor(input_ids), self._tensor(positions), meta, logit_rows, plp_rows)
+        return input_ids, positions, spans, logit_rows, plp_rows
 
     def _tensor(self, data) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
