@@ -10,7 +10,7 @@ import torch
 
 from tokenmill import LLM
 from tokenmill.worker.attention import KVCacheSpec, SeqSpan, build_metadata
-from tokenmill.worker.cuda_graphs import MAX_GRAPH_TOKENS, DecodeGraphs, _Graph, bucket
+from tokenmill.worker.cuda_graphs import MAX_GATHER_BYTES, DecodeGraphs, _Graph, bucket
 
 BS, NUM_BLOCKS = 4, 32
 
@@ -25,7 +25,11 @@ def test_buckets_are_powers_of_two_and_large_steps_stay_eager(tiny_llama):
     assert graphs.shape_for(100, 30) == (128, 32)
     assert graphs.shape_for(129, 1) is None and graphs.shape_for(1, 33) is None
     graphs.max_rows = graphs.max_blocks = 1 << 20
-    assert graphs.shape_for(1024, MAX_GRAPH_TOKENS // BS // 1024 * 2) is None
+    cells = MAX_GATHER_BYTES // graphs.bytes_per_cell      # rows * width at the byte cap
+    assert graphs.shape_for(64, cells // 64) == (64, cells // 64)
+    assert graphs.shape_for(64, cells // 64 + 1) is None
+    graphs.max_cells = 64     # a capture of 8 x 8 ran out of memory: that size and up stay eager
+    assert graphs.shape_for(8, 4) == (8, 4) and graphs.shape_for(8, 8) is None
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -20,15 +20,17 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from tokenmill.worker.attention import AttentionMetadata, DecodeGroup, KVCacheSpec
 
 logger = logging.getLogger(__name__)
 
-# A bucket's gathered K/V is [2, Hkv, B, W * block_size, D] per layer: past this many
-# (row, context token) pairs a step runs eagerly instead of holding that much in the pool.
-MAX_GRAPH_TOKENS = 1 << 20
+# A bucket gathers [2, Hkv, B, W * block_size, D] of K/V per layer into the graphs' private
+# pool, which holds its peak for good: past this many bytes a step runs eagerly. (The KV cache
+# leaves a tenth of the GPU's free memory, see ``model_runner``.)
+MAX_GATHER_BYTES = 1 << 30
 
 
 def bucket(n: int) -> int:
@@ -63,21 +65,27 @@ class DecodeGraphs:
         self.device = kv_caches[0].device
         self.pool = None           # made at the first capture (this class is tested on CPU)
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.failed = False
+        self.failed = False        # a capture failed other than for memory: graphs are off
+        self.max_cells: int | None = None   # rows * width from which captures ran out of memory
+        elem = kv_caches[0].element_size()
+        self.bytes_per_cell = 2 * spec.num_kv_heads * spec.block_size * spec.head_dim * elem
 
     def shape_for(self, num_rows: int, max_blocks: int) -> tuple[int, int] | None:
         """The (B, W) bucket of a decode step, or None where it runs eagerly."""
         if self.failed or num_rows > self.max_rows or max_blocks > self.max_blocks:
             return None
         rows, width = bucket(num_rows), bucket(max_blocks)
-        if rows * width * self.spec.block_size > MAX_GRAPH_TOKENS:
+        if rows * width * self.bytes_per_cell > MAX_GATHER_BYTES:
+            return None
+        if self.max_cells is not None and rows * width >= self.max_cells:
             return None
         return rows, width
 
     def run(self, shape: tuple[int, int], ids: list[int], positions: list[int],
             block_tables: list[list[int]]) -> torch.Tensor | None:
-        """Hidden states [n, hidden] of the step's n rows (valid until the next call), or None
-        if this bucket cannot be captured (graphs are then off for good)."""
+        """Hidden states [n, hidden] of the step's n rows, or None if this bucket cannot be
+        captured. They live in the graphs' shared pool, where the next replay of any graph
+        may overwrite them: use them before that (``execute`` does, within its step)."""
         g = self.graphs.get(shape)
         if g is None:
             g = self._capture(*shape)
@@ -90,16 +98,21 @@ class DecodeGraphs:
     def fill(self, g: _Graph, ids: list[int], positions: list[int],
              block_tables: list[list[int]]) -> None:
         """Write a step's rows into ``g``'s inputs, padded to its shape with the scratch block."""
-        bs, pad, width = self.spec.block_size, g.rows - len(ids), g.width
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
-        table: list[int] = []
-        for t in block_tables:
-            table.extend(t[:width])
-            table.extend([self.scratch] * (width - len(t[:width])))
-        scratch_slot = self.scratch * bs
-        host = (ids + [0] * pad + positions + [0] * pad + slots + [scratch_slot] * pad
-                + [p + 1 for p in positions] + [1] * pad + table + [self.scratch] * (pad * width))
-        g.inputs.copy_(torch.tensor(host, dtype=torch.long))
+        bs, n, b, width = self.spec.block_size, len(ids), g.rows, g.width
+        host = np.zeros(g.inputs.shape[0], dtype=np.int64)
+        pos = np.asarray(positions, dtype=np.int64)
+        host[:n] = ids
+        host[b:b + n] = pos
+        host[2 * b:3 * b] = self.scratch * bs           # padded rows write to scratch
+        host[2 * b:2 * b + n] = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, pos)]
+        host[3 * b:4 * b] = 1
+        host[3 * b:3 * b + n] = pos + 1
+        table = host[4 * b:].reshape(b, width)
+        table[:] = self.scratch                         # padded blocks: scratch, masked out
+        for row, t in zip(table, block_tables):
+            m = min(len(t), width)
+            row[:m] = t[:m]
+        g.inputs.copy_(torch.from_numpy(host))
 
     # ------------------------------------------------------------------ capture
     def forward(self, g: _Graph) -> torch.Tensor:
@@ -123,6 +136,7 @@ class DecodeGraphs:
         slots.fill_(self.scratch * self.spec.block_size)   # warm-up writes go to scratch
         lens.fill_(1)
         table.fill_(self.scratch)
+        stream = torch.cuda.current_stream(self.device)
         try:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
@@ -135,9 +149,16 @@ class DecodeGraphs:
             with torch.cuda.graph(g.graph, pool=self.pool):
                 g.output = self.forward(g)
         except Exception as e:  # noqa: BLE001 - any failed capture: fall back, keep serving
-            logger.warning("CUDA graph capture failed (B=%d, W=%d): %s; decoding eagerly",
-                           rows, width, e)
-            self.failed = True
+            # NOTE: a capture that fails inside torch.cuda.graph leaves its stream current.
+            torch.cuda.set_stream(stream)
+            if isinstance(e, torch.OutOfMemoryError):
+                self.max_cells = min(self.max_cells or rows * width, rows * width)
+                logger.warning("CUDA graph (B=%d, W=%d) ran out of memory: steps this large "
+                               "decode eagerly", rows, width)
+            else:
+                self.failed = True
+                logger.warning("CUDA graph capture failed (B=%d, W=%d); decoding eagerly",
+                               rows, width, exc_info=True)
             return None
         self.graphs[(rows, width)] = g
         return g

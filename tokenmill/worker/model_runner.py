@@ -171,7 +171,7 @@ class ModelRunner:
     def _run_graph(self, ids: list[int], pos: list[int],
                    spans: list[SeqSpan]) -> torch.Tensor | None:
         """A decode-only step through a CUDA graph; None where it runs eagerly."""
-        if self.cuda_graphs is None or len(ids) != len(spans):
+        if self.cuda_graphs is None or any(s.num_tokens != 1 for s in spans):
             return None
         bs = self.block_size
         shape = self.cuda_graphs.shape_for(len(spans), -(-(max(pos) + 1) // bs))
