@@ -129,10 +129,11 @@ def causal_mask(query_len: int, start_pos: int, ctx_len: int, sliding_window: in
     return mask[None, None]
 
 
-def decode_mask(seq_lens: list[int], width: int, sliding_window: int | None,
+def decode_mask(seq_lens: list[int] | torch.Tensor, width: int, sliding_window: int | None,
                 device) -> torch.Tensor:
-    """[B, 1, 1, width] bool: a decode token at position L-1 sees keys [0, L) (within window)."""
-    lens = torch.tensor(seq_lens, device=device)[:, None]
+    """[B, 1, 1, width] bool: a decode token at position L-1 sees keys [0, L) (within window).
+    ``seq_lens`` may already be a tensor on ``device`` (a CUDA graph's input)."""
+    lens = torch.as_tensor(seq_lens, device=device)[:, None]
     k_pos = torch.arange(width, device=device)[None, :]
     mask = k_pos < lens
     if sliding_window is not None:
@@ -175,7 +176,7 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
     """Metadata for a step whose rows are ``spans`` in order: decodes (one token) first.
 
     ``mask_dtype``: of the additive masks; off the CPU it must be the query's dtype (see
-    ``_additive``).
+    ``additive_mask``).
 
     ``native_decode``: decodes go to the native kernel (block tables); else they are grouped
     as they come, so put them longest first for the least padding. ``native_prefill`` (with
@@ -208,8 +209,8 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
             width = max(widths[a:b])
             mask = None
             if sliding_window is not None or any(n != width * bs for n in lens[a:b]):
-                mask = _additive(decode_mask(lens[a:b], width * bs, sliding_window, device),
-                                 mask_dtype)
+                mask = additive_mask(
+                    decode_mask(lens[a:b], width * bs, sliding_window, device), mask_dtype)
             table: list[int] = []
             for s, w in zip(spans[a:b], widths[a:b]):
                 table.extend(s.block_ids[:w])
@@ -224,8 +225,8 @@ def build_metadata(spans: list[SeqSpan], spec: KVCacheSpec, sliding_window: int 
         if s.start_pos > 0:
             gather = spec.gather_rows(_long(s.block_ids[:-(-ctx // bs)], device))
         if s.start_pos > 0 or (sliding_window is not None and ctx > sliding_window):
-            mask = _additive(causal_mask(s.num_tokens, s.start_pos, ctx, sliding_window,
-                                         device), mask_dtype)
+            mask = additive_mask(
+                causal_mask(s.num_tokens, s.start_pos, ctx, sliding_window, device), mask_dtype)
         meta.prefills.append(PrefillChunk(row, s.num_tokens, s.start_pos, gather, mask))
         row += s.num_tokens
     return meta
@@ -246,7 +247,7 @@ def _native_rows(meta: AttentionMetadata, spans: list[SeqSpan], bs: int, device)
     meta.decode_lens = torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # NOTE: SDPA turns a bool mask into an additive one on every call (8 layers x groups);
     # once per step here is cheaper. float32 was the fastest mask dtype with bf16 q on CPU.
     # On an H100/H200, SDPA's default cuDNN backend reads a float32 mask given with bf16 q as

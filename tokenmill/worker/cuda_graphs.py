@@ -18,12 +18,12 @@ their K/V there; padded blocks are gathered from there and masked out.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
 
-from tokenmill.worker.attention import AttentionMetadata, DecodeGroup, KVCacheSpec
+from tokenmill.worker.attention import (AttentionMetadata, DecodeGroup, KVCacheSpec,
+                                        additive_mask, decode_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +118,9 @@ class DecodeGraphs:
     def forward(self, g: _Graph) -> torch.Tensor:
         """The model on ``g``'s inputs: what a capture records (run eagerly by the tests)."""
         ids, positions, slots, lens, table = g.views()
-        bs = self.spec.block_size
-        k_pos = torch.arange(g.width * bs, device=self.device)[None, :]
-        visible = k_pos < lens[:, None]
-        if self.sliding_window is not None:
-            visible &= (lens[:, None] - 1 - k_pos) < self.sliding_window
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(~visible, -math.inf)[:, None, None, :]
+        visible = decode_mask(lens, g.width * self.spec.block_size, self.sliding_window,
+                              self.device)
+        mask = additive_mask(visible, self.dtype)
         group = DecodeGroup(0, g.rows, self.spec.gather_rows(table), mask)
         meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=g.rows,
                                  decode_groups=[group], sliding_window=self.sliding_window)
