@@ -143,7 +143,11 @@ async def run_benchmark(args, reqs: list[BenchRequest]) -> tuple[dict, list[Requ
     rng = random.Random(args.seed + 1)
     sem = asyncio.Semaphore(args.max_concurrency or len(reqs) or 1)
     bar = tqdm(total=len(reqs), desc="bench serve", unit="req", disable=args.no_progress)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    # NOTE: a connection per request. A kept-alive one can be closed by the server as it is
+    # reused (llama.cpp's HTTP library closes each after a few requests or idle seconds), and
+    # the request then fails with "Server disconnected" before the server sees it: about 1 in
+    # 8 of llama-server's requests did, at every concurrency.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
         async def guarded(req):
