@@ -27,7 +27,6 @@ from pathlib import Path
 from tokenmill.bench import peers
 from tokenmill.bench.roofline import Machine, ModelCost, bounds, measure_machine
 
-QWEN_05B_VOCAB = 151936
 CLIENT_TIMEOUT_S = 1800.0   # one request of a 64-client level can queue for minutes
 
 
@@ -184,7 +183,7 @@ def _default_model(tmp: Path, dtype: str) -> str:
     if (tmp / "qwen2.5-0.5b-shape" / "config.json").exists():   # a --work-dir made earlier
         return str(tmp / "qwen2.5-0.5b-shape")
     return str(make_checkpoint(tmp / "qwen2.5-0.5b-shape", "qwen2", size="qwen2.5-0.5b",
-                               dtype=dtype, vocab_size=QWEN_05B_VOCAB))
+                               dtype=dtype))
 
 
 def run(args, tokenmill_variants: list[tuple[str, tuple[str, ...]]] = ()) -> dict:

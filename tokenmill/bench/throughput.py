@@ -267,14 +267,12 @@ def run_from_args(args) -> int:
     tmp = None
     model = args.model
     if model is None:
-        from tokenmill.bench.compare import QWEN_05B_VOCAB
         from tokenmill.testing.checkpoints import make_checkpoint
 
         tmp = tempfile.TemporaryDirectory()
-        extra = {"vocab_size": QWEN_05B_VOCAB} if args.size == "qwen2.5-0.5b" else {}
         dtype = args.dtype if args.dtype != "auto" else "bfloat16"
         model = str(make_checkpoint(Path(tmp.name) / args.size, args.arch, size=args.size,
-                                    dtype=dtype, **extra))
+                                    dtype=dtype))
     vocab = AutoConfig.from_pretrained(model, local_files_only=True).vocab_size
     device = ModelConfig(model=model, device=args.device).resolved_device()
     warm, wls = fresh_workloads(args.num_prompts, vocab, tuple(args.input_len),

@@ -28,16 +28,18 @@ ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# Model sizes. "mid" is big enough for throughput benchmarks to be dominated by matmuls.
+# Model sizes. "mid" is big enough for throughput benchmarks to be dominated by matmuls. A
+# size without a vocab_size gets the trained tokenizer's DEFAULT_VOCAB.
+DEFAULT_VOCAB = 800
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512),
     "mid": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=4, intermediate_size=1536, max_position_embeddings=2048),
-    # Qwen2.5-0.5B's shape, for benchmarks (`bench compare`); pass vocab_size=151936 as well.
+    # Qwen2.5-0.5B's shape, vocabulary included, for benchmarks (`bench compare`).
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, intermediate_size=4864,
-                         max_position_embeddings=32768),
+                         max_position_embeddings=32768, vocab_size=151936),
 }
 
 _CORPUS = [
@@ -135,7 +137,7 @@ def _widen_tokenizer_json(vocab_size: int) -> str:
     import json
     import random
 
-    tok = json.loads(_train_tokenizer_json(800))
+    tok = json.loads(_train_tokenizer_json(DEFAULT_VOCAB))
     vocab, merges = tok["model"]["vocab"], tok["model"]["merges"]
     as_pairs = bool(merges) and isinstance(merges[0], list)
     specials = {t["content"] for t in tok["added_tokens"]}
@@ -154,13 +156,13 @@ def _widen_tokenizer_json(vocab_size: int) -> str:
     return json.dumps(tok, ensure_ascii=False)
 
 
-def make_tokenizer(vocab_size: int = 800):
+def make_tokenizer(vocab_size: int = DEFAULT_VOCAB):
     """A ``PreTrainedTokenizerFast`` with ChatML specials and chat template (trained on the
     built-in corpus; beyond 800 tokens, grown with synthetic merges)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    text = _train_tokenizer_json(vocab_size) if vocab_size <= 800 else \
+    text = _train_tokenizer_json(vocab_size) if vocab_size <= DEFAULT_VOCAB else \
         _widen_tokenizer_json(vocab_size)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(text),
@@ -217,6 +219,10 @@ def _randomize(model, std: float) -> None:
             p.normal_(0.0, std / math.sqrt(p.shape[-1]))
 
 
+def _size_vocab(size: str) -> int:
+    return SIZES[size].get("vocab_size", DEFAULT_VOCAB)
+
+
 def make_checkpoint(out_dir, arch: str = "llama", *, size: str = "tiny", seed: int = 0,
                     dtype: str = "float32", max_shard_size=None, **config_overrides) -> Path:
     """Write a random-weight checkpoint of ``arch`` (one of ``ARCHS``) to ``out_dir``.
@@ -234,7 +240,7 @@ def make_checkpoint(out_dir, arch: str = "llama", *, size: str = "tiny", seed: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = make_tokenizer(config_overrides.get("vocab_size", 800))
+    tokenizer = make_tokenizer(config_overrides.get("vocab_size", _size_vocab(size)))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = _hf_config(arch, size, len(tokenizer), ids, config_overrides)
     torch.manual_seed(seed)
@@ -254,7 +260,7 @@ def make_checkpoint_size_bytes(arch: str, size: str, dtype: str) -> int:
     """Bytes of the weights ``make_checkpoint`` would write (to split them into N shards)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(_size_vocab(size))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = _hf_config(arch, size, len(tokenizer), ids, {})
     with torch.device("meta"):
