@@ -138,10 +138,10 @@ class DecodeGraphs:
                 self.pool = torch.cuda.graph_pool_handle()
             g.graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            side.wait_stream(stream)
             with torch.cuda.stream(side):   # a first run outside the graph (lazy inits)
                 self.forward(g)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            stream.wait_stream(side)
             with torch.cuda.graph(g.graph, pool=self.pool):
                 g.output = self.forward(g)
         except Exception as e:  # noqa: BLE001 - any failed capture: fall back, keep serving
